@@ -1,0 +1,226 @@
+"""Guidance for sampling: classifier gradients, classifier-free guidance, and scale schedules.
+
+Timesteps seen here are always ORIGINAL timesteps (0..T-1 of the training chain): the diffusion
+object maps respaced indices before it calls a model or a cond_fn.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SCHEDULE_KINDS = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class GuidanceSchedule:
+    """A guidance scale that varies with the original timestep t.
+
+    `start` is the scale at the noisiest step (t = num_timesteps - 1, where sampling begins),
+    `end` the scale at t = 0. Kinds: "constant" (always `start`), "linear" (linear in t),
+    "cosine" (a half cosine in t: flat near both ends). Calling it with an int64 tensor of
+    timesteps returns a float64 tensor of per-sample scales on the same device.
+    """
+
+    kind: str = "constant"
+    start: float = 1.0
+    end: Optional[float] = None
+    num_timesteps: int = 1000
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"unknown guidance schedule kind {self.kind!r}; choose one of {SCHEDULE_KINDS}")
+        if self.num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        start = float(self.start)
+        end = start if self.end is None else float(self.end)
+        t = torch.as_tensor(t)
+        if self.kind == "constant" or self.num_timesteps == 1:
+            return torch.full(t.shape, start, dtype=torch.float64, device=t.device)
+        # w = 1 at the noisiest step, 0 at t = 0.
+        w = t.to(torch.float64) / (self.num_timesteps - 1)
+        if self.kind == "cosine":
+            w = (1.0 - torch.cos(math.pi * w)) / 2.0
+        return end + (start - end) * w
+
+
+ScaleLike = Union[float, int, str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def parse_guidance_scale(value: ScaleLike, num_timesteps: int = 1000):
+    """Turn a user's scale into a float or a schedule.
+
+    Accepts a number, a callable of t, or a string: "2.5" (constant), "linear:START:END" or
+    "cosine:START:END" (START at the noisiest step, END at t = 0), "constant:S".
+    """
+    if callable(value) and not isinstance(value, (int, float, str)):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"guidance scale must be a number or a schedule string, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        parts = text.split(":")
+        if parts[0] in SCHEDULE_KINDS:
+            try:
+                numbers = [float(p) for p in parts[1:]]
+            except ValueError:
+                numbers = None
+            if parts[0] == "constant" and numbers is not None and len(numbers) == 1:
+                return GuidanceSchedule("constant", numbers[0], None, num_timesteps)
+            if parts[0] != "constant" and numbers is not None and len(numbers) == 2:
+                return GuidanceSchedule(parts[0], numbers[0], numbers[1], num_timesteps)
+        raise ValueError(
+            f"cannot read guidance scale {value!r}; use a number ('2.5'), 'constant:S', "
+            f"'linear:START:END' or 'cosine:START:END' (START at the noisiest step, END at t=0)"
+        )
+    raise ValueError(f"guidance scale must be a number, a string or a callable, got {type(value).__name__}")
+
+
+def _per_sample_scale(scale, t: torch.Tensor, dtype: torch.dtype, ndim: int):
+    """A float stays a float; a schedule gives a [B, 1, 1, ...] tensor in `dtype`."""
+    if isinstance(scale, float):
+        return scale
+    values = torch.as_tensor(scale(t), device=t.device).to(dtype)
+    if values.ndim == 0:
+        return values
+    return values.view(-1, *([1] * (ndim - 1)))
+
+
+def _check_labels(y, batch: int, num_classes: int, who: str) -> torch.Tensor:
+    if y is None:
+        raise ValueError(
+            f"{who} needs class labels: pass model_kwargs={{'y': labels}} (int64, one per sample)"
+        )
+    y = torch.as_tensor(y)
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"{who}: labels must be integers, got dtype {y.dtype}")
+    y = y.reshape(-1)
+    if y.shape[0] != batch:
+        raise ValueError(f"{who}: got {y.shape[0]} labels for a batch of {batch}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"{who}: labels must lie in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
+        )
+    return y.long()
+
+
+def classifier_cond_fn(classifier: nn.Module, scale: ScaleLike):
+    """Classifier guidance: return `cond_fn(x, t, y=None, **kw)` for the diffusion samplers.
+
+    cond_fn returns scale(t) * d/dx sum_i log_softmax(classifier(x, t))[i, y_i]: one forward
+    and one backward for the whole batch, at the given noisy x, with `t` the original
+    timesteps. The gradient is float32 (float64 if x is float64) even when the classifier runs
+    under autocast; it works when the caller is inside torch.no_grad. `scale` is a number, a
+    schedule string (see parse_guidance_scale) or a callable of t. Raises ValueError if y is
+    missing or a label is outside the classifier's classes.
+    """
+    parsed = parse_guidance_scale(scale)
+
+    def cond_fn(x: torch.Tensor, t: torch.Tensor, y=None, **kwargs) -> torch.Tensor:
+        out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if y is None:
+            raise ValueError(
+                "classifier guidance needs class labels: pass model_kwargs={'y': labels} to the sampler"
+            )
+        if isinstance(parsed, float) and parsed == 0.0:
+            # Scale 0 contributes nothing; skip the classifier's forward and backward.
+            return torch.zeros_like(x, dtype=out_dtype)
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            logits = classifier(x_in, t)
+            labels = _check_labels(y, x.shape[0], logits.shape[-1], "classifier guidance")
+            log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+            selected = log_probs[torch.arange(x.shape[0], device=log_probs.device), labels.to(log_probs.device)]
+            (gradient,) = torch.autograd.grad(selected.sum(), x_in)
+        gradient = gradient.to(out_dtype)
+        return gradient * _per_sample_scale(parsed, t, out_dtype, x.ndim)
+
+    return cond_fn
+
+
+class ClassifierFreeGuidance(nn.Module):
+    """Wrap a class-conditional model trained with a null label for classifier-free guidance.
+
+    `forward(x, t, y, **kw)` runs the conditional (labels y) and unconditional (label
+    `null_label`) passes as one doubled batch and returns eps_u + w (eps_c - eps_u), where
+    w = scale(t): w = 1 is the plain conditional model, w = 0 the unconditional one, w > 1
+    guides. By default the combination covers all output channels (eps and the learned-variance
+    channels); `guide_variance=False` keeps the conditional model's variance channels (the second
+    half of the channels when the model outputs 2*C). Other tensor kwargs whose first dimension
+    is the batch (e.g. `low_res`) are duplicated for both halves.
+    """
+
+    def __init__(self, model: nn.Module, scale: ScaleLike, null_label: int, guide_variance: bool = True):
+        super().__init__()
+        if not isinstance(null_label, int) or isinstance(null_label, bool) or null_label < 0:
+            raise ValueError(
+                f"null_label must be a non-negative int (the model's 'no label' index, usually "
+                f"num_classes), got {null_label!r}"
+            )
+        self.model = model
+        self.scale = parse_guidance_scale(scale)
+        self.null_label = null_label
+        self.guide_variance = guide_variance
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, **kwargs) -> torch.Tensor:
+        batch = x.shape[0]
+        labels = _check_labels(y, batch, self.null_label + 1, "classifier-free guidance")
+        labels = labels.to(x.device)
+        doubled = {
+            key: torch.cat([value, value]) if isinstance(value, torch.Tensor) and value.ndim > 0
+            and value.shape[0] == batch else value
+            for key, value in kwargs.items()
+        }
+        out = self.model(
+            torch.cat([x, x]), torch.cat([t, t]),
+            y=torch.cat([labels, torch.full_like(labels, self.null_label)]), **doubled,
+        )
+        out = out.to(torch.promote_types(out.dtype, torch.float32))
+        cond, uncond = out[:batch], out[batch:]
+        w = _per_sample_scale(self.scale, t, out.dtype, out.ndim)
+        guided = uncond + w * (cond - uncond)
+        if not self.guide_variance and out.shape[1] == 2 * x.shape[1]:
+            channels = x.shape[1]
+            guided = torch.cat([guided[:, :channels], cond[:, channels:]], dim=1)
+        return guided
+
+
+def guided_sampling(
+    model: nn.Module,
+    classifier: Optional[nn.Module] = None,
+    classifier_scale: ScaleLike = 0.0,
+    cfg_scale: Optional[ScaleLike] = None,
+    null_label: Optional[int] = None,
+):
+    """Combine the guidance options into `(model, cond_fn)` for p_sample_loop / ddim_sample_loop.
+
+    - classifier guidance only: `guided_sampling(model, classifier, classifier_scale=s)`;
+    - classifier-free only: `guided_sampling(model, cfg_scale=w, null_label=num_classes)`;
+    - both: give all of them; the CFG-wrapped model predicts eps and the classifier gradient
+      shifts it as usual. cond_fn is None when no classifier (or a constant scale 0) is given.
+    Labels travel in `model_kwargs={"y": labels}` for both.
+    """
+    if cfg_scale is not None:
+        if null_label is None:
+            raise ValueError("classifier-free guidance needs null_label (the model's 'no label' class index)")
+        model = ClassifierFreeGuidance(model, cfg_scale, null_label)
+    cond_fn = None
+    parsed = parse_guidance_scale(classifier_scale)
+    if classifier is not None and not (isinstance(parsed, float) and parsed == 0.0):
+        cond_fn = classifier_cond_fn(classifier, parsed)
+    elif classifier is None and not (isinstance(parsed, float) and parsed == 0.0):
+        raise ValueError("a classifier scale was given without a classifier; pass classifier=")
+    return model, cond_fn
