@@ -108,6 +108,12 @@ def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     abar(s) = cos((s + 0.008) / 1.008 * pi / 2)^2.
     """
     if name == "linear":
+        if num_timesteps <= 20:
+            # beta_max = 0.02 * 1000 / T reaches 1 at T = 20: x_T would carry no signal at all.
+            raise ValueError(
+                f"the linear schedule needs steps > 20 (its last beta is 20/steps), got {num_timesteps}; "
+                f"use more steps or noise_schedule='cosine'"
+            )
         scale = 1000.0 / num_timesteps
         return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
     if name == "cosine":
