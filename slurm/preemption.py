@@ -1,0 +1,149 @@
+"""Preemption and time-limit signals inside a job: let the stage save and stop, then requeue the job.
+
+SLURM sends SIGUSR2 (submitit's signal; SIGUSR1 is treated the same) `signal_delay_s` before a job's
+time limit, and `scancel --signal=USR2 JOB` sends it on demand. SIGTERM comes from `scancel` or from
+preemption in SLURM's own requeue mode.
+
+A stage takes part by polling at a safe point (a step boundary), writing a checkpoint, and raising
+`Preempted`:
+
+    if preemption.requested_everywhere():     # all ranks call it at the same step
+        save_checkpoint()
+        raise preemption.Preempted("saved step 1200")
+
+Polling once marks the stage as cooperative: a later signal then waits (up to a grace period) for it
+to stop by itself. A stage that never polls is treated as SLURM would treat it: a requeue signal
+requeues at once (the rerun resumes from the latest periodic checkpoint) and SIGTERM ends it.
+
+This module imports nothing heavy: stages may import it unconditionally; outside a job it never
+reports a request.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Callable
+
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+_lock = threading.Lock()
+_reason: str | None = None  # None, "requeue" (USR1/USR2) or "stop" (SIGTERM)
+_polled = False
+
+
+class Preempted(Exception):
+    """Raised by a stage that saved its state and stopped early because the job was signalled."""
+
+
+def requested() -> bool:
+    """True once this process was asked to stop (preemption, time limit, or scancel)."""
+    global _polled
+    _polled = True
+    return _reason is not None
+
+
+def reason() -> str | None:
+    """"requeue" after SIGUSR1/SIGUSR2, "stop" after SIGTERM, None when no signal came."""
+    return _reason
+
+
+def requested_everywhere() -> bool:
+    """`requested()` on any rank, agreed by all ranks (a collective: every rank must call it together).
+
+    Without an initialised process group this is `requested()`.
+    """
+    local = requested()
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return local
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def process_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun's RANK, else SLURM_PROCID, else 0)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+class Guard:
+    """Installs the signal handlers for one stage run and decides when to requeue.
+
+    `requeue` is called at most once, on every rank (it must itself do nothing on ranks other than 0,
+    and may end the process). It runs in the signal handler for a stage that never polled, in a timer
+    thread when a polling stage overruns `grace_s`, or from `finish_preempted()` after it stopped.
+    """
+
+    def __init__(self, requeue: Callable[[], None], grace_s: float) -> None:
+        self._requeue = requeue
+        self._grace_s = grace_s
+        self._timer: threading.Timer | None = None
+        self._requeued = False
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "Guard":
+        """Take over SIGUSR1, SIGUSR2 and SIGTERM (call from the main thread)."""
+        global _reason, _polled
+        _reason, _polled = None, False
+        for sig in (*REQUEUE_SIGNALS, signal.SIGTERM):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        """Cancel a pending forced requeue and restore the previous handlers."""
+        if self._timer is not None:
+            self._timer.cancel()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def requeue_once(self) -> None:
+        """Run the requeue callback unless it already ran."""
+        with _lock:
+            if self._requeued:
+                return
+            self._requeued = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._requeue()
+
+    def finish_preempted(self) -> None:
+        """After the stage raised Preempted: requeue if a requeue signal came, then end the process."""
+        if _reason == "requeue":
+            self.requeue_once()
+        # A stage that stopped early did not finish: never let a dependent job start.
+        sys.exit(143)
+
+    def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
+        global _reason
+        name = signal.Signals(signum).name
+        if signum in REQUEUE_SIGNALS:
+            first = _reason != "requeue"
+            _reason = "requeue"
+            print(f"[preemption] rank {process_rank()}: {name}: checkpoint and requeue", file=sys.stderr, flush=True)
+            if not _polled:
+                self.requeue_once()
+            elif first:
+                self._timer = threading.Timer(self._grace_s, self._overrun)
+                self._timer.daemon = True
+                self._timer.start()
+            return
+        # SIGTERM
+        if _reason is None:
+            _reason = "stop"
+        print(f"[preemption] rank {process_rank()}: {name}", file=sys.stderr, flush=True)
+        if not _polled:
+            raise SystemExit(143)
+
+    def _overrun(self) -> None:
+        print(f"[preemption] stage did not stop within {self._grace_s:.0f}s: requeueing now", file=sys.stderr,
+              flush=True)
+        self.requeue_once()
