@@ -1,0 +1,63 @@
+"""Draw (guided) samples into OUT/samples_{N}x{H}x{W}x3.npz, on one process or many (torchrun / srun).
+
+Every sample index has its own seed and label, so the file does not depend on the number of
+processes, and a killed job restarted with the same command continues from its finished shards.
+See docs/sampling.md.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def _scale(text: str):
+    """A number, or a schedule string such as linear:10:1 (checked when the run starts)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `adm sample`."""
+    what = parser.add_argument_group("what to sample")
+    what.add_argument("--model", required=True, help="our model file, openai:FILE (a released checkpoint) or a training run directory")
+    what.add_argument("--preset", default=None, help="configuration of --model (needed for openai: files whose name is not the released one)")
+    what.add_argument("--classifier", default=None, help="noisy classifier for guidance (same forms as --model)")
+    what.add_argument("--classifier-preset", default=None, help="configuration of --classifier")
+    what.add_argument("--classifier-scale", type=_scale, default=None,
+                      help="classifier guidance scale s, or a schedule linear|cosine:START:END (default 1.0 with a classifier)")
+    what.add_argument("--cfg-scale", type=_scale, default=None,
+                      help="classifier-free guidance weight w: eps_u + w (eps_c - eps_u); needs a model with a null class")
+    what.add_argument("--num-samples", type=int, default=None, help="how many samples (default with --upsample-from: all of the base file)")
+    what.add_argument("--labels", default=None,
+                      help="uniform (default; i.i.d. per index as the original), balanced (equal counts, shuffled) or a file (.npy/.npz/.txt)")
+    what.add_argument("--seed", type=int, default=0, help="run seed; sample i uses a generator derived from (seed, i)")
+    what.add_argument("--upsample-from", default=None, help="ADM-U stage: the base samples (.npz) to upsample with a super-resolution --model")
+    how = parser.add_argument_group("how")
+    how.add_argument("--steps", default="250", help="timestep respacing: 250, ddim25, 10,10,10, ... ('' = every training step)")
+    how.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: ddim when --steps starts with ddim, else ddpm")
+    how.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
+    how.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false", help="do not clamp the predicted x0 to [-1, 1]")
+    how.add_argument("--rounding", choices=["truncate", "round"], default="truncate",
+                     help="float -> uint8: truncate as the original (default) or round to nearest")
+    how.add_argument("--batch-size", type=int, default=16, help="samples per network call on each process")
+    how.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="network arithmetic (guidance stays float32)")
+    how.add_argument("--allow-slow-precision", action="store_true", help="run bf16/fp16 on a CPU without native support")
+    how.add_argument("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"], default="none",
+                     help="torch.compile the networks (reduce-overhead adds CUDA graphs)")
+    how.add_argument("--device", default=None, help="force a device (e.g. cpu); default: this rank's GPU, else cpu")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", required=True, help="output folder (samples_*.npz, options.json, grid.png, shards/ while running)")
+    out.add_argument("--shard-size", type=int, default=512, help="samples per shard file (the unit of restart)")
+    out.add_argument("--overwrite", action="store_true", help="delete samples in --out made with other options")
+    out.add_argument("--keep-shards", action="store_true", help="keep shards/ after the merge")
+    out.add_argument("--grid-size", type=int, default=64, help="samples in grid.png (0: none)")
+    out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the sampling job described by the parsed flags."""
+    from launch.sampler import SampleOptions, sample
+
+    sample(SampleOptions(**vars(args)))
+    return 0

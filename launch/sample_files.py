@@ -1,0 +1,240 @@
+"""Files of the sampling job: per-shard files, the streamed final `.npz`, the grid PNG.
+
+A shard holds the samples of one contiguous index range `[start, start + count)`. It is written
+atomically, so a shard file that exists is complete; a restarted job trusts it after checking that
+it was made with the same options (`options_hash`) and covers the expected range.
+
+The final file is what guided-diffusion's evaluator reads: an uncompressed zip (as `np.savez`
+writes it) with `arr_0.npy` (uint8 `[N, H, W, 3]`) and `arr_1.npy` (int64 `[N]`), in index order.
+It is written member by member, one shard at a time, so no process ever holds all N images
+(50k samples at 512 px are 39 GB).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import zipfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from data.fileio import atomic_open, atomic_write_bytes
+
+SHARD_DIR = "shards"
+_SHARD_PREFIX = "shard-"
+
+
+# --------------------------------------------------------------------------------------------
+# float images -> bytes
+# --------------------------------------------------------------------------------------------
+def to_uint8(x, rounding: str = "truncate"):
+    """Map images in [-1, 1] (torch, NCHW) to uint8 NHWC the way the original writer does.
+
+    `truncate` is guided-diffusion's `uint8(clamp((x + 1) * 127.5, 0, 255))`, which biases every pixel
+    down by half a level on average; `round` rounds to the nearest level instead. The published
+    numbers were computed on truncated samples, so truncation is the default.
+    """
+    import torch
+
+    if rounding not in ("truncate", "round"):
+        raise ValueError(f"rounding must be 'truncate' or 'round', not {rounding!r}")
+    y = (x.float() + 1.0) * 127.5
+    if rounding == "round":
+        y = y.round()
+    return y.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# shards
+# --------------------------------------------------------------------------------------------
+def shard_path(out_dir: str | os.PathLike, shard_id: int) -> Path:
+    """Where shard `shard_id` of a sampling run in `out_dir` lives."""
+    return Path(out_dir) / SHARD_DIR / f"{_SHARD_PREFIX}{shard_id:06d}.npz"
+
+
+def write_shard(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray, start: int,
+                options_hash: str, batch_size: int) -> None:
+    """Write one shard atomically: uint8 images `[n, H, W, 3]`, int64 labels `[n]` and what made them."""
+    images = np.ascontiguousarray(images)
+    labels = np.asarray(labels, dtype=np.int64)
+    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3, images.shape
+    assert labels.shape == (images.shape[0],), (labels.shape, images.shape)
+    with atomic_open(path, "wb") as handle:
+        np.savez(handle, images=images, labels=labels, start=np.int64(start),
+                 options_hash=np.array(options_hash), batch_size=np.int64(batch_size))
+
+
+def read_shard_meta(path: str | os.PathLike) -> dict:
+    """The small fields of a shard (start, count, image shape, options hash) without reading its pixels."""
+    with zipfile.ZipFile(path) as zf:
+        with zf.open("images.npy") as f:
+            shape, _, dtype = _read_npy_header(f)
+    with np.load(path) as z:
+        return {"start": int(z["start"]), "count": int(shape[0]), "image_shape": tuple(shape[1:]),
+                "dtype": dtype, "options_hash": str(z["options_hash"]), "batch_size": int(z["batch_size"])}
+
+
+def shard_is_valid(path: str | os.PathLike, start: int, count: int, image_shape: Sequence[int],
+                   options_hash: str) -> bool:
+    """True when `path` is a finished shard of exactly this range, shape and options."""
+    try:
+        meta = read_shard_meta(path)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
+    return (meta["start"] == start and meta["count"] == count and meta["dtype"] == np.uint8
+            and meta["image_shape"] == tuple(image_shape) and meta["options_hash"] == options_hash)
+
+
+def read_shard(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of one shard."""
+    with np.load(path) as z:
+        return z["images"], z["labels"]
+
+
+def list_shard_files(out_dir: str | os.PathLike) -> list[Path]:
+    """Every finished shard file under `out_dir/shards` (temporary files of killed writers excluded)."""
+    folder = Path(out_dir) / SHARD_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(f"{_SHARD_PREFIX}*.npz"))
+
+
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> int:
+    """Delete half-written files that a killed writer left behind; return how many."""
+    removed = 0
+    for folder in (Path(out_dir), Path(out_dir) / SHARD_DIR):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# the streamed .npz
+# --------------------------------------------------------------------------------------------
+def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f"unsupported .npy format version {version}")
+
+
+def _npy_header_bytes(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    buf = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue()
+
+
+def write_streamed_npz(path: str | os.PathLike, image_chunks: Iterable[np.ndarray], label_chunks: Iterable[np.ndarray],
+                       num_samples: int, image_shape: Sequence[int]) -> None:
+    """Write `path` as `np.savez(path, arr_0=images, arr_1=labels)` would, from chunks in index order.
+
+    Each chunk is written and dropped before the next is asked for, so memory stays at one chunk.
+    Both iterables are consumed lazily (the labels after all images). The chunks must add up to
+    exactly `num_samples` rows; anything else raises before the file is renamed into place.
+    """
+    image_shape = tuple(int(s) for s in image_shape)
+    with atomic_open(path, "wb") as handle:
+        # ZIP_STORED as np.savez: evaluators stream rows straight out of the member.
+        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, chunks, shape, dtype in (("arr_0.npy", image_chunks, (num_samples, *image_shape), np.uint8),
+                                                ("arr_1.npy", label_chunks, (num_samples,), np.int64)):
+                written = 0
+                with zf.open(name, "w", force_zip64=True) as member:
+                    member.write(_npy_header_bytes(shape, dtype))
+                    for chunk in chunks:
+                        chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                        if chunk.shape[1:] != shape[1:]:
+                            raise ValueError(f"{name}: chunk of shape {chunk.shape} does not fit {shape}")
+                        member.write(chunk.data)
+                        written += chunk.shape[0]
+                        del chunk
+                if written != num_samples:
+                    raise ValueError(f"{name}: got {written} rows, expected {num_samples}")
+
+
+def merge_shards(shard_files: Sequence[str | os.PathLike], out_path: str | os.PathLike, num_samples: int,
+                 image_shape: Sequence[int]) -> Path:
+    """Stream the shards (already in index order) into the final `samples_...npz`; return its path.
+
+    Reads one shard at a time: peak memory is one shard's images, whatever N is.
+    """
+    shard_files = [Path(p) for p in shard_files]
+
+    def images():
+        for p in shard_files:
+            with np.load(p) as z:
+                yield z["images"]
+
+    def labels():
+        for p in shard_files:
+            with np.load(p) as z:
+                yield z["labels"]
+
+    write_streamed_npz(out_path, images(), labels(), num_samples, image_shape)
+    return Path(out_path)
+
+
+def samples_file_name(num_samples: int, image_shape: Sequence[int]) -> str:
+    """The name guided-diffusion gives a sample file: `samples_{N}x{H}x{W}x3.npz`."""
+    return "samples_" + "x".join(str(int(s)) for s in (num_samples, *image_shape)) + ".npz"
+
+
+def open_npz_array(path: str | os.PathLike, name: str) -> np.ndarray:
+    """Array `name` of an `.npz`, memory-mapped when stored uncompressed (as ours and np.savez's are).
+
+    Lets each rank of an upsampling job read only its own rows of a base sample file instead of
+    loading all of it. Falls back to reading the member into memory when it is compressed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such sample file; give the .npz written by `adm sample`")
+    member = f"{name}.npy"
+    with zipfile.ZipFile(path) as zf:
+        if member not in zf.namelist():
+            raise ValueError(f"{path} has no array {name!r} (it has {sorted(n[:-4] for n in zf.namelist())})")
+        info = zf.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED:
+            with zf.open(member) as f:
+                return np.lib.format.read_array(f)
+        with zf.open(member) as f:
+            shape, fortran, dtype = _read_npy_header(f)
+            header_len = f.tell()
+    with open(path, "rb") as raw:
+        # The member's data starts after its local file header, whose extra field may differ in
+        # length from the central directory's copy, so read it from the local header itself.
+        raw.seek(info.header_offset)
+        local = raw.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{path}: corrupt zip local header for {member}")
+        name_len = int.from_bytes(local[26:28], "little")
+        extra_len = int.from_bytes(local[28:30], "little")
+    offset = info.header_offset + 30 + name_len + extra_len + header_len
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+# --------------------------------------------------------------------------------------------
+# grid
+# --------------------------------------------------------------------------------------------
+def write_grid(path: str | os.PathLike, images: np.ndarray, columns: int | None = None, pad: int = 2) -> None:
+    """Write uint8 NHWC `images` as one PNG grid (row-major, index order), atomically."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    columns = columns or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / columns)
+    canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for k in range(n):
+        r, col = divmod(k, columns)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[y:y + h, x:x + w] = images[k]
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
