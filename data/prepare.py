@@ -10,7 +10,7 @@ OUT/
   train-000000.tar ...         shards (temp name, fsync, rename: a partial shard is never trusted)
   manifest.json                written last: counts, classes, shards (name, count, sha256), skipped
   .prepare/plan.json           options + source fingerprint + shard boundaries (resume and refusal)
-  .prepare/train-000000.json   per-shard record, written after its shard
+  .prepare/train-000000.tar.json  per-shard record, written after its shard
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import json
 import logging
 import os
 import random
@@ -32,7 +33,7 @@ from typing import Any, BinaryIO, Iterator
 from PIL import Image, UnidentifiedImageError
 
 from data.classes import imagenet_wnids
-from data.fileio import atomic_open, atomic_write_json
+from data.fileio import atomic_open
 from data.shards import MANIFEST_FORMAT, MANIFEST_NAME
 from data.sources import Source, SourceItem, read_item, scan_source
 from data.transforms import _halve_while_large
@@ -164,6 +165,28 @@ def _encode_resized(data: bytes, short_side: int, fmt: str) -> tuple[bytes, str]
     return out.getvalue(), fmt
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def _readable_by_all(handle: BinaryIO) -> None:
+    # Temp files are created 0600; shards on a shared file system must be readable by the group,
+    # so give them the permissions a plain open() would have.
+    os.fchmod(handle.fileno(), 0o666 & ~_UMASK)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with atomic_open(path, "w") as handle:
+        _readable_by_all(handle)
+        json.dump(obj, handle, indent=2)
+        handle.write("\n")
+
+
 def _reason(err: Exception) -> str:
     # Stable text (no object addresses), so a rerun writes a byte-identical manifest.
     if isinstance(err, UnidentifiedImageError):
@@ -180,6 +203,7 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         src_tar = stack.enter_context(open(task["src"], "rb")) if task["src_is_tar"] else None
         handle = stack.enter_context(atomic_open(out / name, "wb"))
+        _readable_by_all(handle)
         writer = _HashingWriter(handle)
         with tarfile.open(fileobj=writer, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for key, item, label in task["samples"]:
@@ -212,7 +236,7 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
         "formats": dict(sorted(formats.items())),
         "skipped": skipped,
     }
-    atomic_write_json(out / STATE_DIR / f"{name}.json", record)
+    _write_json(out / STATE_DIR / f"{name}.json", record)
     return record
 
 
@@ -233,8 +257,6 @@ def _options(split, val_labels, shard_size, samples_per_shard, resize_short_side
 
 
 def _refuse_other_options(out: Path, plan_path: Path, options: dict[str, Any]) -> None:
-    import json
-
     if plan_path.exists():
         saved = json.loads(plan_path.read_text())["options"]
         diffs = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in options.items() if saved.get(k) != v]
@@ -270,8 +292,6 @@ def _remove_stale_temps(out: Path) -> None:
 
 
 def _shard_done(out: Path, name: str) -> dict[str, Any] | None:
-    import json
-
     record_path = out / STATE_DIR / f"{name}.json"
     shard_path = out / name
     if not (record_path.exists() and shard_path.exists()):
@@ -331,8 +351,6 @@ def prepare_imagenet(
     a rerun of a finished job returns the existing manifest; a rerun with other options into the same
     `out` raises ValueError and changes nothing. See the module docstring for the layout of `out`.
     """
-    import json
-
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if samples_per_shard is not None and int(samples_per_shard) < 1:
@@ -378,11 +396,11 @@ def prepare_imagenet(
                     "use a new output folder"
                 )
         else:
-            atomic_write_json(plan_path, saved_plan)
+            _write_json(plan_path, saved_plan)
         _remove_stale_temps(out)
         records = _run_shards(src, source, plan, out, split, workers, progress)
         manifest = _build_manifest(source, plan, records)
-        atomic_write_json(out / MANIFEST_NAME, manifest)
+        _write_json(out / MANIFEST_NAME, manifest)
     return manifest
 
 
