@@ -1,0 +1,316 @@
+"""Training checkpoints: atomic step folders, keep-last-K, resume from the latest complete one,
+preemption signals, and `load_model_from_run` for the sampler.
+
+    RUN/checkpoints/step_000012000/
+        meta.json        written last: step, world size, strategy, EMA names, the resolved config
+        trainer.pt       rank 0: step, images seen, loss scaler, timestep sampler, resolved config
+        rank_00000.pt    per rank: RNG states (python, numpy, torch, cuda, the trainer's generator)
+                         and the data loader's position
+        state/           torch.distributed.checkpoint: model, optimizer, EMA (sharded runs write
+                         shards; any world size reads them back)
+        deepspeed/       strategy=deepspeed only: DeepSpeed's own checkpoint (model, ZeRO partitions)
+
+Every rank writes into `.tmp-step_...`; after a barrier rank 0 writes meta.json and renames the
+folder, so a folder named `step_*` is complete by construction and a crash (kill -9, node loss)
+leaves at most a `.tmp-*` folder that the next run deletes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data.fileio import atomic_torch_save, atomic_write_json
+from launch.distributed import barrier
+
+FORMAT = "adm-train-checkpoint/1"
+PREFIX = "step_"
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Make the rename itself durable: a crash right after must not resurrect the .tmp name.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    """RUN/checkpoints/step_XXXXXXXXX."""
+    return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:09d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run as (step, folder), oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    out = []
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.name.startswith(PREFIX) and (child / "meta.json").is_file():
+                try:
+                    out.append((int(child.name[len(PREFIX):]), child))
+                except ValueError:
+                    continue
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def read_meta(folder: Path) -> dict:
+    """meta.json of a checkpoint folder."""
+    return json.loads((Path(folder) / "meta.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state (every rank's), as tensors and plain numbers so weights_only loading accepts it
+
+def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """This process's random states: python, numpy, torch CPU, CUDA, and `generator`'s."""
+    version, keys, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "keys": torch.tensor(keys, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached": float(np_cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    """Restore `rng_state()`'s values."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(k) for k in py["keys"].tolist()), py["gauss"]))
+    nps = state["numpy"]
+    np.random.set_state((nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and resuming
+
+class CheckpointManager:
+    """Writes and finds the checkpoints of one run (every rank constructs one)."""
+
+    def __init__(self, run_dir: str | os.PathLike, rank: int, world_size: int, keep_last: int):
+        self.run_dir = Path(run_dir)
+        self.folder = self.run_dir / "checkpoints"
+        self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
+
+    def clean_partial(self) -> None:
+        """Delete `.tmp-*` folders left by a run that died while saving (rank 0; call before training)."""
+        if self.rank == 0 and self.folder.is_dir():
+            for child in self.folder.iterdir():
+                if child.name.startswith(".tmp-"):
+                    shutil.rmtree(child, ignore_errors=True)
+        barrier()
+
+    def save(self, step: int, strategy, ema, trainer_state: dict, rank_state: dict, meta: dict) -> Path:
+        """Write checkpoint `step` (a collective: every rank calls it with its own `rank_state`)."""
+        final = step_dir(self.run_dir, step)
+        if final.is_dir():  # e.g. a preemption right after resuming from this very step
+            return final
+        tmp = self.folder / f".tmp-{final.name}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        strategy.save(tmp, ema)
+        atomic_torch_save(tmp / f"rank_{self.rank:05d}.pt", rank_state)
+        if self.rank == 0:
+            atomic_torch_save(tmp / "trainer.pt", trainer_state)
+        barrier()
+        if self.rank == 0:
+            atomic_write_json(tmp / "meta.json", {"format": FORMAT, "step": step, "world_size": self.world_size, **meta})
+            os.replace(tmp, final)
+            _fsync_dir(self.folder)
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        found = list_checkpoints(self.run_dir)
+        for _, folder in found[: max(0, len(found) - self.keep_last)]:
+            # Rename first so a crash mid-delete never leaves a partial `step_*` that looks complete.
+            doomed = folder.with_name(f".tmp-deleting-{folder.name}")
+            os.replace(folder, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def load(self, folder: Path, strategy, ema) -> tuple[dict, dict | None, dict]:
+        """Restore model/optimizer/EMA into `strategy`/`ema`; return (trainer state, this rank's state, meta).
+
+        This rank's state is None when the checkpoint was written at another world size (its RNG
+        and data positions cannot be mapped onto a different set of ranks).
+        """
+        meta = read_meta(folder)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{folder} is not a training checkpoint of this code (format {meta.get('format')!r})")
+        strategy.load(folder, ema, meta)
+        trainer_state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+        rank_state = None
+        if meta["world_size"] == self.world_size:
+            rank_state = torch.load(folder / f"rank_{self.rank:05d}.pt", map_location="cpu", weights_only=True)
+        return trainer_state, rank_state, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption
+
+class PreemptionWatcher:
+    """Turns SIGTERM / SIGUSR1 / SIGUSR2 into a request to checkpoint and stop at the next step boundary.
+
+    Cooperates with `slurm.preemption.Guard`: where a Guard owns the signals, its state is polled
+    instead of installing handlers over it.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "PreemptionWatcher":
+        """Take the signals that nobody else handles (call from the main thread)."""
+        for sig in self.SIGNALS:
+            current = signal.getsignal(sig)
+            if current in (signal.SIG_DFL, None) or getattr(current, "__self__", None) is self:
+                self._previous[sig] = current
+                signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were there before `install()`."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.signum is None:
+            self.signum = signum
+
+    def requested_everywhere(self, device: torch.device) -> bool:
+        """True on every rank when any rank got a signal (a collective: all ranks call it together)."""
+        local = self.signum is not None
+        try:
+            from slurm import preemption
+
+            local = preemption.requested() or local
+        except ImportError:  # pragma: no cover - the slurm folder ships with the package
+            pass
+        if not (dist.is_available() and dist.is_initialized()):
+            return local
+        flag = torch.tensor([int(local)], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading weights back without a process group (sampling, export)
+
+def read_run_config(run_dir: Path) -> dict:
+    """RUN/config.json (the resolved training config and preset)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run directory (no config.json); "
+                                "pass the --run-dir of `adm train` / `adm train-classifier`")
+    return json.loads(path.read_text())
+
+
+def _empty_like_module(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(v.shape, dtype=torch.float32) for k, v in module.state_dict().items()}
+
+
+def _load_dcp(folder: Path, key: str, target: dict) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    wrapped = {key: target}
+    with warnings.catch_warnings():  # reading in one process is the point here
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(wrapped, checkpoint_id=str(folder / "state"), no_dist=True)
+    return wrapped[key]
+
+
+def checkpoint_weights(folder: Path, module: torch.nn.Module, ema_rate: float | None = None,
+                       use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """Full float32 weights from a checkpoint folder, in one process: (state dict, what they are).
+
+    EMA weights (rate `ema_rate`, default: the run's first rate) when the run keeps an EMA and
+    `use_ema`; the trained weights otherwise. `module` (meta device is fine) gives names and shapes.
+    """
+    from launch.ema import ema_name
+
+    meta = read_meta(folder)
+    names = list(meta.get("ema_names", []))
+    template = _empty_like_module(module)
+    if use_ema and names:
+        name = names[0] if ema_rate is None else ema_name(ema_rate)
+        if name not in names:
+            raise ValueError(f"{folder} has no EMA at rate {ema_rate}; it keeps {', '.join(names)}")
+        params = {k: v for k, v in template.items() if k in dict(module.named_parameters())}
+        weights = _load_dcp(folder, "ema", {name: params})[name]
+        rest = {k: v for k, v in template.items() if k not in weights}
+        if rest:  # buffers are not averaged: take the trained ones
+            weights.update(_model_weights(folder, meta, module, rest))
+        return weights, f"EMA {name}"
+    return _model_weights(folder, meta, module, template), "model (no EMA)"
+
+
+def _model_weights(folder: Path, meta: dict, module, template: dict) -> dict[str, torch.Tensor]:
+    if meta.get("strategy") == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        full = get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag="ds")
+        return {k: full[k].float() for k in template}
+    return _load_dcp(folder, "model", template)
+
+
+def load_model_from_run(run_dir: str | os.PathLike, ema_rate: float | None = None, step: int | None = None):
+    """The network of a training run with its latest (or `step`'s) weights -> (module, Preset).
+
+    EMA weights are preferred (rate `ema_rate`, default the run's first); a run without EMA (the
+    classifier by default) gives its trained weights. Reads sharded checkpoints in one process.
+    """
+    from diffusion_core.openai_compat import load_openai_state_dict
+    from diffusion_core.presets import Preset
+
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    preset = Preset.from_dict(config["preset"])
+    if step is None:
+        folder = latest_checkpoint(run_dir)
+        if folder is None:
+            raise FileNotFoundError(f"run {run_dir} has no complete checkpoint yet under {run_dir / 'checkpoints'}")
+    else:
+        folder = step_dir(run_dir, step)
+        if not (folder / "meta.json").is_file():
+            steps = [s for s, _ in list_checkpoints(run_dir)]
+            raise FileNotFoundError(f"run {run_dir} has no checkpoint at step {step}; it has {steps}")
+    with torch.device("meta"):
+        module = preset.build()
+    weights, _ = checkpoint_weights(folder, module, ema_rate)
+    load_openai_state_dict(module, weights)
+    return module.eval(), preset
