@@ -30,13 +30,20 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.shards import ShardReadError, image_field, iter_raw_samples, resolve_shards
-from data.transforms import center_crop_arr, decode_image, maybe_flip, random_crop_arr, to_float_chw
+from data.transforms import (
+    center_crop_arr,
+    decode_image,
+    maybe_flip,
+    random_crop_arr,
+    simplejpeg_matches_pillow,
+    to_float_chw,
+)
 
 log = logging.getLogger("data.loader")
 
 MODES = ("center", "random-crop")
 OUTPUTS = ("float", "uint8")
-DECODERS = ("pil", "pil-draft")
+DECODERS = ("auto", "pil", "simplejpeg", "pil-draft")
 STATE_VERSION = 1
 
 
@@ -112,7 +119,7 @@ def _decode(cfg: _Config, sample: dict[str, Any], epoch: int) -> tuple[np.ndarra
     draft = None
     if cfg.decoder == "pil-draft":
         draft = cfg.image_size if cfg.mode == "center" else math.ceil(cfg.image_size / cfg.min_crop_frac)
-    img = decode_image(sample[field], draft_size=draft)
+    img = decode_image(sample[field], draft_size=draft, decoder=cfg.decoder)
     rng = random.Random(f"aug/{cfg.seed}/{epoch}/{sample['__key__']}")
     if cfg.mode == "center":
         arr = center_crop_arr(img, cfg.image_size)
@@ -205,8 +212,9 @@ class ShardLoader:
         shuffle_buffer: samples held per reader for shuffling (memory ~ buffer x image bytes).
         output: "float" (float32 NCHW in [-1, 1], ADM's numbers) or "uint8" (NCHW, normalise on the
             GPU with `data.transforms.uint8_to_float`).
-        decoder: "pil" (bit-identical to ADM) or "pil-draft" (JPEG DCT-domain downscale: faster, not
-            bit-identical; see docs/data.md for the measured difference).
+        decoder: "auto" (default: "simplejpeg" if installed and verified to give Pillow's pixels, else
+            "pil"), "pil", "simplejpeg" (both bit-identical to ADM), or "pil-draft" (JPEG DCT-domain
+            downscale: faster, not bit-identical; docs/data.md gives the measured difference).
         pin_memory: pin batches for fast host-to-GPU copies (default: when CUDA is available).
         skip_bad_shards: log and skip an unreadable shard instead of raising ShardReadError.
         min_crop_frac, max_crop_frac: random-crop range (ADM: 0.8, 1.0).
@@ -230,7 +238,7 @@ class ShardLoader:
         flip: bool = True,
         shuffle_buffer: int = 1000,
         output: str = "float",
-        decoder: str = "pil",
+        decoder: str = "auto",
         pin_memory: bool | None = None,
         skip_bad_shards: bool = False,
         min_crop_frac: float = 0.8,
@@ -251,6 +259,10 @@ class ShardLoader:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not 0 < min_crop_frac <= max_crop_frac <= 1:
             raise ValueError(f"need 0 < min_crop_frac <= max_crop_frac <= 1, got {min_crop_frac}, {max_crop_frac}")
+        if decoder == "simplejpeg" and not simplejpeg_matches_pillow():
+            raise ValueError("decoder='simplejpeg' needs `pip install simplejpeg` giving Pillow's pixels; use decoder='pil'")
+        if decoder == "auto":
+            decoder = "simplejpeg" if simplejpeg_matches_pillow() else "pil"
         shard_set = resolve_shards(shards)
         readers = max(1, int(num_workers))
         if len(shard_set.urls) < int(world_size) * readers:

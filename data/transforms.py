@@ -7,6 +7,7 @@ and takes a random crop. Images become float32 in [-1, 1] as `x / 127.5 - 1`.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -103,13 +104,63 @@ def uint8_to_float(images: "Any") -> "Any":
     return images.float() / 127.5 - 1
 
 
-def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
+def _simplejpeg():
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    return simplejpeg
+
+
+def _decode_simplejpeg(data: bytes) -> Image.Image | None:
+    """libjpeg-turbo through simplejpeg: the same decoder Pillow wraps, without Pillow's overhead.
+
+    Used only where it gives Pillow's pixels: baseline/progressive YCbCr or greyscale JPEGs that end
+    with an EOI marker (simplejpeg decodes truncated data without complaint, Pillow refuses it; and
+    its CMYK conversion differs from Pillow's). Everything else returns None and goes to Pillow.
+    """
+    sj = _simplejpeg()
+    if sj is None or data[:2] != b"\xff\xd8" or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return None
+    try:
+        if sj.decode_jpeg_header(data)[2] not in ("YCbCr", "Gray"):
+            return None
+        return Image.fromarray(sj.decode_jpeg(data, colorspace="RGB"), "RGB")
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def simplejpeg_matches_pillow() -> bool:
+    """True if simplejpeg is installed and decodes a test JPEG to exactly Pillow's pixels."""
+    if _simplejpeg() is None:
+        return False
+    rng = np.random.default_rng(0)
+    base = np.linspace(0, 255, 96 * 72 * 3).reshape(72, 96, 3)
+    arr = (base + rng.normal(0, 40, base.shape)).clip(0, 255).astype(np.uint8)
+    for subsampling in (0, 2):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90, subsampling=subsampling)
+        ours = _decode_simplejpeg(buf.getvalue())
+        theirs = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        if ours is None or not np.array_equal(np.asarray(ours), np.asarray(theirs)):
+            return False
+    return True
+
+
+def decode_image(data: bytes, draft_size: int | None = None, decoder: str = "pil") -> Image.Image:
     """Decode image bytes to an RGB PIL image, fully loaded (so truncated files fail here).
 
+    decoder "pil": Pillow. "simplejpeg": libjpeg-turbo via simplejpeg for ordinary JPEGs (same
+    pixels as Pillow, ~2x faster), Pillow for the rest.
     `draft_size`: for JPEGs, let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT-domain downscale)
     while the short side stays >= draft_size. Faster, but NOT bit-identical to ADM's preprocessing;
     only used when asked for.
     """
+    if decoder == "simplejpeg" and draft_size is None:
+        img = _decode_simplejpeg(data)
+        if img is not None:
+            return img
     img = Image.open(io.BytesIO(data))
     if draft_size is not None and img.format == "JPEG":
         img.draft("RGB", (draft_size, draft_size))

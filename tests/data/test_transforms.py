@@ -16,6 +16,7 @@ from data.transforms import (
     decode_image,
     maybe_flip,
     random_crop_arr,
+    simplejpeg_matches_pillow,
     to_float_chw,
     uint8_to_float,
 )
@@ -131,3 +132,21 @@ def test_decode_image_real_files_to_rgb():
             expected = Image.open(io.BytesIO(data))
             expected.load()
             np.testing.assert_array_equal(np.asarray(img), np.asarray(expected.convert("RGB")))
+
+
+@pytest.mark.skipif(not simplejpeg_matches_pillow(), reason="simplejpeg is not installed")
+def test_simplejpeg_decoder_gives_pillows_pixels():
+    cases = []
+    for i, (w, h) in enumerate(SIZES[:5]):
+        for kwargs in ({"quality": 90}, {"quality": 75, "subsampling": 0}, {"quality": 95, "progressive": True}):
+            buf = io.BytesIO()
+            _photo(w, h, seed=i).save(buf, format="JPEG", **kwargs)
+            cases.append(buf.getvalue())
+    for entries in miniature_files(num_classes=4, per_class=1).values():
+        cases += [data for name, data in entries.items() if not name.endswith((".txt", "_9002.JPEG"))]
+    for data in cases:  # ordinary, progressive, 4:4:4, greyscale, CMYK (Pillow fallback), PNG, RGBA
+        fast = decode_image(data, decoder="simplejpeg")
+        np.testing.assert_array_equal(np.asarray(fast), np.asarray(decode_image(data, decoder="pil")))
+    truncated = miniature_files(num_classes=1, per_class=1)["n01440764"]["n01440764_9002.JPEG"]
+    with pytest.raises(OSError, match="truncated"):
+        decode_image(truncated, decoder="simplejpeg")  # simplejpeg would accept it; Pillow refuses
