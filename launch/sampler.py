@@ -517,7 +517,12 @@ class _Job:
         self.npz_path = self.out / sf.samples_file_name(o.num_samples, self.image_shape)
 
     def _content(self) -> dict:
-        """Everything that changes the pixels or their order; the options hash is its sha256."""
+        """Everything that changes the pixels or their order; the options hash is its sha256.
+
+        Not in it: the world size, the shard size (both only decide who computes what) and the batch
+        size (see docs/sampling.md: on CPUs batch sizes >= 2 agreed bitwise in our tests, batch size 1
+        differs in the last bits, so a changed batch size on restart is reported, not refused).
+        """
         o = self.o
         return {
             "format": "adm-sample/1",
@@ -528,7 +533,7 @@ class _Job:
             "classifier_scale": None if o.classifier is None else (1.0 if o.classifier_scale is None else o.classifier_scale),
             "cfg_scale": o.cfg_scale, "labels": self.labels.identity(), "seed": o.seed,
             "num_samples": o.num_samples, "precision": o.precision, "rounding": o.rounding,
-            "clip_denoised": o.clip_denoised, "shard_size": o.shard_size,
+            "clip_denoised": o.clip_denoised,
             "upsample": o.upsample_from is not None,
         }
 

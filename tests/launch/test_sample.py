@@ -1,0 +1,241 @@
+"""The sampler in one process: files, reproducibility, guidance, refusals, OpenAI weights, ADM-U, CLI.
+
+Models are the tiny presets with random weights. A fresh ADM network has zero-initialised output
+layers (its eps and v are exactly 0), which would make most checks vacuous, so every weight gets a
+small seeded perturbation: the outputs then depend on every layer and on the labels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_core import presets
+from diffusion_core.diffusion import PerSampleNoise
+from diffusion_core.guidance import classifier_cond_fn
+from diffusion_core.openai_compat import to_openai_state_dict
+from launch import cli
+from launch import sample_files as sf
+from launch.model_io import load_model, save_model_file
+from launch.sampler import GuidedSampler, Labels, SampleOptions, sample, sample_seed
+
+
+def _perturbed(name, seed, **overrides):
+    preset = presets.get(name, **overrides)
+    module = preset.build()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return module.eval(), preset
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Model files of ours: diffusion, classifier, CFG diffusion (null class), upsampler, odd ones."""
+    root = tmp_path_factory.mktemp("models")
+    specs = {
+        "unet": ("tiny-unet", 1, {}),
+        "clf": ("tiny-classifier", 2, {}),
+        "cfg": ("tiny-unet", 3, {"null_class": True}),
+        "up": ("tiny-upsampler", 4, {}),
+        "clf8": ("tiny-classifier", 5, {"image_size": 8}),
+        "clf_cos": ("tiny-classifier", 6, {"diffusion.noise_schedule": "cosine"}),
+    }
+    paths = {}
+    for key, (name, seed, overrides) in specs.items():
+        module, preset = _perturbed(name, seed, **overrides)
+        paths[key] = str(save_model_file(root / f"{key}.pt", module.state_dict(), preset))
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two shared cores: a second intra-op thread only adds contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _opts(models, out, **kw):
+    base = dict(model=models["unet"], out=str(out), num_samples=6, batch_size=4, steps="2", shard_size=4,
+                progress=False, grid_size=4)
+    base.update(kw)
+    return SampleOptions(**base)
+
+
+def _arrays(path):
+    with np.load(path) as z:
+        return z["arr_0"], z["arr_1"]
+
+
+def test_guided_file_options_and_agreement_with_the_core_loop(models, tmp_path):
+    path = sample(_opts(models, tmp_path / "g", classifier=models["clf"], classifier_scale=4.0))
+    assert path.name == "samples_6x16x16x3.npz"
+    images, labels = _arrays(path)
+    assert images.dtype == np.uint8 and images.shape == (6, 16, 16, 3)
+    assert labels.dtype == np.int64 and labels.min() >= 0 and labels.max() < 10
+    assert images.std() > 5  # real pictures, not a constant
+    options = json.loads((tmp_path / "g" / "options.json").read_text())
+    for key, value in {"classifier_scale": 4.0, "cfg_scale": None, "steps": "2", "sampler": "ddpm", "seed": 0,
+                       "num_samples": 6, "samples_file": path.name, "model": models["unet"]}.items():
+        assert options[key] == value, key
+    assert len(options["content"]["model_sha256"]) == 64 and len(options["content"]["classifier_sha256"]) == 64
+    assert (tmp_path / "g" / "grid.png").is_file() and not (tmp_path / "g" / "shards").exists()
+
+    # The first batch again, with the diffusion core's own loop and PerSampleNoise: same bytes.
+    unet, preset = load_model(models["unet"])
+    clf, _ = load_model(models["clf"])
+    diffusion = dataclasses.replace(preset.diffusion, timestep_respacing="2").build()
+    seeds = [sample_seed(0, i) for i in range(4)]
+    noise = PerSampleNoise(seeds)
+    x_t = noise.initial((4, 3, 16, 16))
+    y = torch.from_numpy(labels[:4])
+    out = diffusion.p_sample_loop(unet, x_t.shape, noise=x_t, step_noise=noise, model_kwargs={"y": y},
+                                  cond_fn=classifier_cond_fn(clf, 4.0))
+    np.testing.assert_array_equal(sf.to_uint8(out).numpy(), images[:4])
+
+    # Same options again: nothing to do, same file.
+    before = path.stat().st_mtime_ns
+    assert sample(_opts(models, tmp_path / "g", classifier=models["clf"], classifier_scale=4.0)) == path
+    assert path.stat().st_mtime_ns == before
+
+
+def test_independent_of_batch_size_and_shard_layout(models, tmp_path):
+    """Batch sizes >= 2 and any shard size give the same bytes; batch size 1 agrees to one level."""
+    kw = dict(classifier=models["clf"], num_samples=7, steps="3")
+    ref_images, ref_labels = _arrays(sample(_opts(models, tmp_path / "b4", batch_size=4, shard_size=4, **kw)))
+    for b, s in ((2, 3), (3, 7)):
+        images, labels = _arrays(sample(_opts(models, tmp_path / f"b{b}", batch_size=b, shard_size=s, **kw)))
+        np.testing.assert_array_equal(images, ref_images)
+        np.testing.assert_array_equal(labels, ref_labels)
+    images, labels = _arrays(sample(_opts(models, tmp_path / "b1", batch_size=1, shard_size=7, **kw)))
+    np.testing.assert_array_equal(labels, ref_labels)
+    diff = np.abs(images.astype(int) - ref_images.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+
+
+def test_guidance_changes_samples_and_every_mode_runs(models, tmp_path):
+    plain, labels = _arrays(sample(_opts(models, tmp_path / "plain", num_samples=4)))
+    guided, guided_labels = _arrays(sample(_opts(models, tmp_path / "clf", num_samples=4, classifier=models["clf"],
+                                                 classifier_scale=8.0)))
+    np.testing.assert_array_equal(labels, guided_labels)  # labels are per index, not per mode
+    assert (plain != guided).mean() > 0.05  # 2 steps of random nets saturate many pixels; the rest move
+    scheduled, _ = _arrays(sample(_opts(models, tmp_path / "sched", num_samples=4, classifier=models["clf"],
+                                        classifier_scale="linear:8:0")))
+    assert not np.array_equal(scheduled, guided)
+    cfg, _ = _arrays(sample(_opts(models, tmp_path / "cfg", model=models["cfg"], num_samples=4, cfg_scale=3.0)))
+    both, _ = _arrays(sample(_opts(models, tmp_path / "both", model=models["cfg"], num_samples=4, cfg_scale=3.0,
+                                   classifier=models["clf"], classifier_scale=8.0)))
+    assert not np.array_equal(cfg, both)
+    ddim, _ = _arrays(sample(_opts(models, tmp_path / "ddim", num_samples=4, steps="ddim2")))
+    ddim_eta, _ = _arrays(sample(_opts(models, tmp_path / "eta", num_samples=4, steps="ddim2", eta=1.0)))
+    assert not np.array_equal(ddim, ddim_eta)
+    options = json.loads((tmp_path / "ddim" / "options.json").read_text())
+    assert options["sampler"] == "ddim" and options["num_steps"] == 2
+
+
+def test_a_sampler_step_with_openai_weights_matches_the_core_step(models, tmp_path):
+    unet, preset = _perturbed("tiny-unet", 11)
+    clf, _ = _perturbed("tiny-classifier", 12)
+    torch.save(to_openai_state_dict(unet), tmp_path / "unet_openai.pt")
+    torch.save(to_openai_state_dict(clf), tmp_path / "clf_openai.pt")
+    unet2, preset2 = load_model(f"openai:{tmp_path / 'unet_openai.pt'}", preset="tiny-unet")
+    clf2, _ = load_model(f"openai:{tmp_path / 'clf_openai.pt'}", preset="tiny-classifier")
+    for kind, steps in (("ddpm", "3"), ("ddim", "ddim3")):
+        sampler = GuidedSampler(unet2, preset2, steps=steps, classifier=clf2, classifier_scale=2.0)
+        core = sampler.diffusion
+        gen = torch.Generator().manual_seed(7)
+        x = torch.randn(3, 3, 16, 16, generator=gen)
+        noise = torch.randn(3, 3, 16, 16, generator=gen)
+        y = torch.tensor([0, 4, 9])
+        for i in (2, 0):
+            ours = sampler.step(x, i, sampler.model_kwargs(y, None), noise)
+            t = torch.full((3,), i)
+            if kind == "ddpm":
+                ref = core.p_sample(unet, x, t, cond_fn=classifier_cond_fn(clf, 2.0), model_kwargs={"y": y}, noise=noise)
+            else:
+                ref = core.ddim_sample(unet, x, t, cond_fn=classifier_cond_fn(clf, 2.0), model_kwargs={"y": y})
+            torch.testing.assert_close(ours["sample"], ref["sample"], rtol=0, atol=0)
+            torch.testing.assert_close(ours["pred_xstart"], ref["pred_xstart"], rtol=0, atol=0)
+
+
+def test_upsampling_stage(models, tmp_path):
+    rng = np.random.default_rng(0)
+    base = tmp_path / "base.npz"
+    low = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    base_labels = np.array([3, 1, 4, 1, 5], dtype=np.int64)
+    sf.write_streamed_npz(base, [low], [base_labels], 5, (8, 8, 3))
+    opts = dict(model=models["up"], upsample_from=str(base), num_samples=None, batch_size=2, shard_size=2)
+    path = sample(_opts(models, tmp_path / "up", **opts))
+    images, labels = _arrays(path)
+    assert path.name == "samples_5x16x16x3.npz" and images.shape == (5, 16, 16, 3)
+    np.testing.assert_array_equal(labels, base_labels)
+    # Conditioned on the base image: a different low-res picture changes the result.
+    low2 = low.copy()
+    low2[0] = 255 - low2[0]
+    sf.write_streamed_npz(tmp_path / "base2.npz", [low2], [base_labels], 5, (8, 8, 3))
+    images2, _ = _arrays(sample(_opts(models, tmp_path / "up2", **{**opts, "upsample_from": str(tmp_path / "base2.npz")})))
+    assert not np.array_equal(images2[0], images[0])
+    np.testing.assert_array_equal(images2[1:], images[1:])
+    with pytest.raises(ValueError, match="takes 8x8"):
+        sample(_opts(models, tmp_path / "bad", model=models["up"], upsample_from=path, num_samples=None))
+    with pytest.raises(ValueError, match="--upsample-from"):
+        sample(_opts(models, tmp_path / "bad", model=models["up"]))
+
+
+def test_refusals_and_warnings(models, tmp_path):
+    with pytest.raises(ValueError, match="classifier takes 8px"):
+        sample(_opts(models, tmp_path / "a", classifier=models["clf8"]))
+    bad_labels = tmp_path / "labels.txt"
+    bad_labels.write_text("1\n2\n10\n3\n4\n5\n")
+    with pytest.raises(ValueError, match=r"\[0, 10\).*\[10\]"):
+        sample(_opts(models, tmp_path / "a", labels=str(bad_labels)))
+    with pytest.raises(ValueError, match="null class"):
+        sample(_opts(models, tmp_path / "a", cfg_scale=2.0))
+    with pytest.raises(ValueError, match="needs a classifier"):
+        sample(_opts(models, tmp_path / "a", classifier_scale=1.0))
+    with pytest.raises(FileNotFoundError):
+        sample(_opts(models, tmp_path / "a", model=str(tmp_path / "nope.pt")))
+    with pytest.raises(ValueError, match="batch_size"):
+        sample(_opts(models, tmp_path / "a", batch_size=0))
+    # An output folder with other options is refused, and taken over with overwrite.
+    sample(_opts(models, tmp_path / "o", num_samples=2, batch_size=2, steps="1"))
+    with pytest.raises(ValueError, match="other options.*--overwrite"):
+        sample(_opts(models, tmp_path / "o", num_samples=2, batch_size=2, steps="1", seed=1))
+    path = sample(_opts(models, tmp_path / "o", num_samples=2, batch_size=2, steps="1", seed=1, overwrite=True))
+    assert json.loads((tmp_path / "o" / "options.json").read_text())["seed"] == 1 and path.is_file()
+    # A classifier noised with another schedule: a warning, then sampling.
+    with pytest.warns(UserWarning, match="cosine schedule"):
+        sample(_opts(models, tmp_path / "w", classifier=models["clf_cos"], num_samples=2, batch_size=2, steps="1"))
+
+
+def test_labels_per_index():
+    uniform = Labels.build("uniform", 10, 1000, seed=3)
+    assert np.array_equal(uniform(range(5)), Labels.build("uniform", 50000, 1000, seed=3)(range(5)))
+    assert not np.array_equal(uniform(range(10)), Labels.build("uniform", 10, 1000, seed=4)(range(10)))
+    balanced = Labels.build("balanced", 40, 10, seed=0)
+    values = balanced(range(40))
+    assert np.bincount(values, minlength=10).tolist() == [4] * 10
+    assert not np.array_equal(values, np.arange(40) % 10)  # shuffled
+    assert np.array_equal(balanced([40, 41]), values[:2])  # fill-up indices wrap around
+    assert Labels.build(None, 3, None, seed=0)(range(3)).tolist() == [-1, -1, -1]
+    with pytest.raises(ValueError, match="neither the model nor a classifier"):
+        Labels.build("balanced", 3, None, seed=0)
+    assert len({sample_seed(0, i) for i in range(1000)} | {sample_seed(1, i) for i in range(1000)}) == 2000
+
+
+def test_cli(models, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = cli.main(["sample", "--model", models["unet"], "--classifier", models["clf"], "--num-samples", "3",
+                     "--batch-size", "2", "--steps", "1", "--labels", "balanced", "--out", str(out), "--no-progress"])
+    assert code == 0
+    images, labels = _arrays(out / "samples_3x16x16x3.npz")
+    assert images.shape == (3, 16, 16, 3) and len(set(labels.tolist())) == 3
+    code = cli.main(["sample", "--model", models["unet"], "--num-samples", "3", "--steps", "1", "--out", str(out)])
+    assert code == 2
+    assert "other options" in capsys.readouterr().err

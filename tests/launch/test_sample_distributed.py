@@ -1,0 +1,112 @@
+"""`adm sample` under torchrun with 2 gloo processes: the same file as 1 process, and kill -9 + restart."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_core import presets
+from launch import sample_files as sf
+from launch.distributed import free_port
+from launch.model_io import save_model_file
+from launch.sampler import SampleOptions, sample
+
+pytestmark = pytest.mark.distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+N, SHARD, STEPS, BATCH = 16, 2, "4", 2
+
+
+def _model_files(root):
+    paths = []
+    for name, seed in (("tiny-unet", 21), ("tiny-classifier", 22)):
+        preset = presets.get(name)
+        module = preset.build()
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # fresh ADM nets output exactly 0; perturb so every layer matters
+            for p in module.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        paths.append(str(save_model_file(root / f"{name}.pt", module.state_dict(), preset)))
+    return paths
+
+
+def _args(unet, clf, out):
+    return ["--model", unet, "--classifier", clf, "--classifier-scale", "4", "--num-samples", str(N),
+            "--batch-size", str(BATCH), "--steps", STEPS, "--shard-size", str(SHARD), "--out", str(out),
+            "--no-progress"]
+
+
+def _torchrun(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "launch.cli", "sample", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _ranks(args):
+    """Two ranks started directly with RANK/WORLD_SIZE/MASTER_* (as srun would), so that a kill -9
+    reaches the processes that sample (torchrun puts its workers in sessions of their own)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-m", "launch.cli", "sample", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _finish(proc, timeout=120):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def _arrays(path):
+    with np.load(path) as z:
+        return z["arr_0"], z["arr_1"]
+
+
+def test_two_processes_equal_one_and_a_killed_run_resumes(tmp_path):
+    unet, clf = _model_files(tmp_path)
+    name = sf.samples_file_name(N, (16, 16, 3))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = sample(SampleOptions(model=unet, classifier=clf, classifier_scale=4.0, num_samples=N, batch_size=BATCH,
+                                   steps=STEPS, shard_size=SHARD, out=str(tmp_path / "one"), progress=False))
+    finally:
+        torch.set_num_threads(before)
+    ref_images, ref_labels = _arrays(one)
+
+    # Two processes, uninterrupted.
+    _finish(_torchrun(_args(unet, clf, tmp_path / "two")))
+    images, labels = _arrays(tmp_path / "two" / name)
+    np.testing.assert_array_equal(images, ref_images)
+    np.testing.assert_array_equal(labels, ref_labels)
+
+    # Two processes, both killed with SIGKILL once the first shard is on disk, then restarted.
+    out = tmp_path / "killed"
+    procs = _ranks(_args(unet, clf, out))
+    deadline = time.monotonic() + 120
+    while not sf.list_shard_files(out) and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    alive = all(p.poll() is None for p in procs)
+    for p in procs:
+        os.kill(p.pid, signal.SIGKILL)
+    logs = "\n".join(p.communicate()[0] for p in procs)
+    done = len(sf.list_shard_files(out))
+    assert alive and 0 < done < N // SHARD, f"the kill should land mid-way, found {done} shards:\n{logs}"
+    assert not (out / name).exists()
+    log = "\n".join(_finish(p) for p in _ranks(_args(unet, clf, out)))
+    assert f"{done} of {N // SHARD} shards already done" in log, log
+    images, labels = _arrays(out / name)
+    np.testing.assert_array_equal(images, ref_images)
+    np.testing.assert_array_equal(labels, ref_labels)
+    assert not (out / "shards").exists()
