@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Callable
 
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
@@ -119,6 +120,12 @@ class Guard:
         """After the stage raised Preempted: requeue if a requeue signal came, then end the process."""
         if _reason == "requeue":
             self.requeue_once()
+            if process_rank() != 0:
+                # Rank 0 requeues the job, which ends every task. Exiting first could make SLURM
+                # (KillOnBadExit) kill rank 0 before it gets there, and the job would fail instead.
+                deadline = time.monotonic() + self._grace_s + 60
+                while time.monotonic() < deadline:
+                    time.sleep(1)
         # A stage that stopped early did not finish: never let a dependent job start.
         sys.exit(143)
 

@@ -1,9 +1,10 @@
-"""The callable that submitit runs on every task of a job: one `adm` stage, requeued on preemption.
+"""The callables that submitit runs on every task of a job, requeued on preemption.
 
-Each task (one per GPU) parses the stage's options and calls its `run(args)` in-process, so the stage
-sets up torch.distributed from SLURM's variables (launch.distributed.setup) and sees the signals.
-On a requeue signal the job is checkpointed the submitit way (the same call is pickled again) and
-requeued; the stage then resumes from the latest checkpoint in its run directory when it restarts.
+`GuardedJob` installs slurm.preemption's signal handling around its `work()`; on a requeue signal the
+job is checkpointed the submitit way (the same call is pickled again) and requeued, and the work
+resumes from the latest checkpoint it wrote when it restarts. `StageJob` is one `adm` stage: each task
+(one per GPU) parses the stage's options and calls its `run(args)` in-process, so the stage sets up
+torch.distributed from SLURM's variables (launch.distributed.setup) and sees the signals.
 """
 from __future__ import annotations
 
@@ -23,25 +24,20 @@ def _submitit_signal() -> signal.Signals:
     return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
 
 
-class StageJob(submitit.helpers.Checkpointable):
-    """`adm COMMAND ARGV...` as a checkpointable submitit job.
+class GuardedJob(submitit.helpers.Checkpointable):
+    """A checkpointable job whose `work()` may poll slurm.preemption and raise Preempted.
 
-    `grace_s` bounds how long a stage that polls `slurm.preemption` may take to save and stop.
+    `grace_s` bounds how long work that polls may take to save and stop after a signal.
     """
 
-    def __init__(self, command: str, argv: list[str], grace_s: float = 60.0) -> None:
-        self.command = command
-        self.argv = [str(a) for a in argv]
+    def __init__(self, grace_s: float = 60.0) -> None:
         self.grace_s = grace_s
 
-    def __repr__(self) -> str:
-        return f"StageJob(adm {self.command} {shlex.join(self.argv)})"
+    def work(self):
+        """The job's body; subclasses implement it."""
+        raise NotImplementedError
 
-    def __call__(self) -> int:
-        args, module = parse_stage_args(self.command, self.argv)
-        rank, world = os.environ.get("SLURM_PROCID", "0"), os.environ.get("SLURM_NTASKS", "1")
-        print(f"[adm submit] rank {rank}/{world} on {socket.gethostname()}: adm {self.command} "
-              f"{shlex.join(self.argv)}", flush=True)
+    def __call__(self):
         # submitit's own handler (installed before this call) knows how to re-pickle this job and
         # requeue it, counting time-outs; it acts on rank 0 and returns on the others.
         submitit_handler = signal.getsignal(_submitit_signal())
@@ -52,13 +48,36 @@ class StageJob(submitit.helpers.Checkpointable):
 
         guard = preemption.Guard(requeue, self.grace_s).install()
         try:
-            code = module.run(args)
+            return self.work()
         except preemption.Preempted as stop:
-            print(f"[adm submit] rank {rank}: stage stopped early: {stop}", flush=True)
+            print(f"[adm] rank {preemption.process_rank()}: stopped early: {stop}", flush=True)
             guard.finish_preempted()
             raise  # not reached: finish_preempted exits
         finally:
             guard.uninstall()
+
+
+class StageJob(GuardedJob):
+    """`adm COMMAND ARGV...` as a checkpointable submitit job."""
+
+    def __init__(self, command: str, argv: list[str], grace_s: float = 60.0) -> None:
+        super().__init__(grace_s)
+        self.command = command
+        self.argv = [str(a) for a in argv]
+
+    def __repr__(self) -> str:
+        return f"StageJob(adm {self.command} {shlex.join(self.argv)})"
+
+    def work(self) -> int:
+        """Parse the stage's options and run it; a non-zero exit status fails the job."""
+        args, module = parse_stage_args(self.command, self.argv)
+        rank, world = os.environ.get("SLURM_PROCID", "0"), os.environ.get("SLURM_NTASKS", "1")
+        print(f"[adm submit] rank {rank}/{world} on {socket.gethostname()}: adm {self.command} "
+              f"{shlex.join(self.argv)}", flush=True)
+        code = module.run(args)
+        if code and preemption.reason() is not None:
+            # The stage caught its own Preempted after checkpointing and returned a status.
+            raise preemption.Preempted(f"adm {self.command} stopped with status {code} after a signal")
         if code:
             print(f"[adm submit] adm {self.command} ended with exit status {code}", file=sys.stderr, flush=True)
             raise RuntimeError(f"adm {self.command} ended with exit status {code}")
