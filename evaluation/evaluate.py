@@ -1,0 +1,260 @@
+"""The evaluation job: features of a reference batch and a sample file -> IS, FID, sFID, precision,
+recall (+ class accuracy), printed as ADM's evaluator prints them and written to `metrics.json`.
+
+Distributed (torchrun / srun, through `launch.distributed.setup()`): each rank reads its own
+contiguous slice of each file; FID statistics and Inception-Score sums are float64 sums all-reduced
+across ranks; only the pool features needed for precision/recall are gathered, to rank 0 alone.
+The result does not depend on the number of ranks (up to float64 round-off).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data.fileio import atomic_write_json
+from evaluation import io as eio
+from evaluation.features import FeatureNetwork, load_feature_network
+from evaluation.metrics import FeatureStats, ScoreSums, frechet_distance, inception_score, precision_recall
+
+METRICS_FORMAT = "adm-metrics/1"
+METRIC_NAMES = ("inception_score", "fid", "sfid", "precision", "recall", "class_accuracy")
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Full float32 matmuls and convolutions on GPUs (TF32 shifts FID in the 2nd decimal)."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
+    return n * rank // world, n * (rank + 1) // world
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(tensors: list[torch.Tensor]) -> None:
+    if _distributed():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def _gather_rows(local: torch.Tensor, n_total: int, world: int, rank: int) -> torch.Tensor | None:
+    """Concatenate every rank's rows (in rank order) on rank 0; other ranks get None."""
+    if not _distributed():
+        return local
+    sizes = [_rank_slice(n_total, r, world) for r in range(world)]
+    longest = max(b - a for a, b in sizes)
+    padded = torch.zeros(longest, local.shape[1], dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local
+    bucket = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, bucket, dst=0)
+    if rank != 0:
+        return None
+    return torch.cat([part[: b - a] for part, (a, b) in zip(bucket, sizes)])
+
+
+class _Pass:
+    """Running results of one file's slice: pool features kept, statistics and score sums accumulated."""
+
+    def __init__(self, net: FeatureNetwork, num_items: int, stats: bool, labels: np.ndarray | None,
+                 split_size: int):
+        dev = net.device
+        self.pool_rows: list[torch.Tensor] = []
+        self.pool_stats = FeatureStats(net.pool_dim, dev) if stats else None
+        self.spatial_stats = FeatureStats(net.spatial_dim, dev) if stats and net.spatial_dim else None
+        self.scores = ScoreSums(num_items, net_logit_dim(net), split_size, dev)
+        self.labels = labels
+        k = net.num_classes or 1
+        self.correct = torch.zeros(k, dtype=torch.float64, device=dev)
+        self.total = torch.zeros(k, dtype=torch.float64, device=dev)
+
+    def add(self, feats, start: int) -> None:
+        self.pool_rows.append(feats.pool.float())
+        if self.pool_stats is not None:
+            self.pool_stats.update(feats.pool)
+        if self.spatial_stats is not None and feats.spatial is not None:
+            self.spatial_stats.update(feats.spatial)
+        self.scores.update(feats.logits, start)
+        if self.labels is not None:
+            y = torch.as_tensor(self.labels[start:start + feats.logits.shape[0]], device=self.correct.device)
+            hit = (feats.logits.argmax(1) == y).double()
+            self.correct.index_add_(0, y, hit)
+            self.total.index_add_(0, y, torch.ones_like(hit))
+
+    def reduce(self) -> None:
+        tensors = self.scores.tensors() + [self.correct, self.total]
+        for s in (self.pool_stats, self.spatial_stats):
+            if s is not None:
+                tensors += s.tensors()
+        _all_reduce(tensors)
+
+
+def net_logit_dim(net: FeatureNetwork) -> int:
+    """Width of the network's logits (1008 for Inception)."""
+    return net.num_classes or 1008
+
+
+def _extract(net: FeatureNetwork, path, key_labels: np.ndarray | None, stats: bool, batch_size: int,
+             split_size: int, rank: int, world: int, progress: str | None) -> tuple[_Pass, int, tuple]:
+    with eio.open_images(path) as images:
+        n = len(images)
+        acc = _Pass(net, n, stats, key_labels, split_size)
+        start, stop = _rank_slice(n, rank, world)
+        bar = _progress(stop - start, progress) if rank == 0 else None
+        for first, batch in images.batches(batch_size, start, stop):
+            acc.add(net(batch), first)
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+        shape = tuple(images.shape)
+    acc.reduce()
+    return acc, n, shape
+
+
+def _progress(total: int, desc: str | None):
+    if desc is None:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=None, leave=False)
+
+
+def _sample_options(sample_path: Path) -> dict | None:
+    options = sample_path.parent / "options.json"
+    if options.is_file():
+        try:
+            return json.loads(options.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            warnings.warn(f"{options} is not valid JSON; metrics.json will not carry the sample options")
+    return None
+
+
+def evaluate(reference, samples, features: str | FeatureNetwork = "inception", *, inception_weights=None,
+             out_dir=None, batch_size: int = 100, k: int = 3, fp16_pr: bool = True, fid_method: str = "sqrtm",
+             split_size: int = 5000, use_stored_stats: bool = True, device=None,
+             print_fn: Callable[[str], None] | None = print, progress: bool = True) -> dict | None:
+    """Evaluate a sample file against a reference batch; returns the metrics record (every rank).
+
+    `features`: "inception" (the paper's network; weights via `inception_weights`, env or hub cache),
+    "classifier:PATH", or a FeatureNetwork. With `out_dir` (rank 0) writes `out_dir/metrics.json`.
+    Reference statistics stored in the file (`mu, sigma, mu_s, sigma_s`) are used for Inception
+    features unless `use_stored_stats=False`; otherwise they are computed from its images.
+    `class_accuracy` is reported when the samples carry labels and the network predicts the dataset's
+    classes. Must be called on every rank when run distributed.
+    """
+    from launch.distributed import setup
+
+    t0 = time.perf_counter()
+    info = setup()
+    rank, world = info.rank, info.world_size
+    device = torch.device(device) if device is not None else info.device
+    reference, samples = Path(reference), Path(samples)
+    for p in (reference, samples):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} does not exist")
+    with no_tf32():
+        net = features if isinstance(features, FeatureNetwork) else load_feature_network(
+            features, inception_weights=inception_weights, device=device)
+        stored = eio.read_reference_stats(reference) if (use_stored_stats and net.name == "inception") else None
+        with eio.open_images(samples) as probe:
+            n_samples = len(probe)
+        labels = eio.read_labels(samples, n_samples)
+        class_note = None
+        if labels is not None and net.num_classes is not None and (labels.min() < 0 or labels.max() >= net.num_classes):
+            class_note = (f"labels span {labels.min()}..{labels.max()} but the feature network has "
+                          f"{net.num_classes} classes: no class accuracy")
+            labels = None
+        if net.num_classes is None:
+            labels = None
+        ref, n_ref, ref_shape = _extract(net, reference, None, stored is None, batch_size, split_size,
+                                         rank, world, "reference" if progress else None)
+        sam, _, sam_shape = _extract(net, samples, labels, True, batch_size, split_size, rank, world,
+                                     "samples" if progress else None)
+        ref_pool = _gather_rows(torch.cat(ref.pool_rows), n_ref, world, rank)
+        sam_pool = _gather_rows(torch.cat(sam.pool_rows), n_samples, world, rank)
+        record = None
+        if rank == 0:
+            record = _finish(net, ref, sam, stored, ref_pool, sam_pool, k, fp16_pr, fid_method, device)
+            record.update({
+                "format": METRICS_FORMAT, "reference": str(reference.resolve()), "samples": str(samples.resolve()),
+                "num_reference": n_ref, "num_samples": n_samples, "image_size": int(sam_shape[1]),
+                "reference_image_size": int(ref_shape[1]), "features": net.name,
+                "options": _sample_options(samples),
+                "settings": {"k": k, "pr_fp16": fp16_pr, "fid_method": fid_method, "split_size": split_size,
+                             "reference_stats": "stored" if stored is not None else "computed",
+                             "world_size": world, "batch_size": batch_size},
+                "notes": [class_note] if class_note else [],
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(time.perf_counter() - t0, 2),
+            })
+            if sam_shape[1:3] != ref_shape[1:3]:
+                record["notes"].append(f"samples are {sam_shape[1]}x{sam_shape[2]} but the reference is "
+                                       f"{ref_shape[1]}x{ref_shape[2]}")
+            if out_dir is not None:
+                atomic_write_json(Path(out_dir) / "metrics.json", record)
+            if print_fn:
+                print_fn(format_metrics(record["metrics"]))
+    if _distributed():
+        box = [record]
+        dist.broadcast_object_list(box, src=0)
+        record = box[0]
+    return record
+
+
+def _finish(net, ref: _Pass, sam: _Pass, stored, ref_pool, sam_pool, k, fp16_pr, fid_method, device) -> dict:
+    metrics: dict[str, float | None] = dict.fromkeys(METRIC_NAMES)
+    metrics["inception_score"] = sam.scores.score()
+    mu_s, sigma_s = sam.pool_stats.mean_cov()
+    if stored is not None:
+        mu_r, sigma_r = stored["mu"], stored["sigma"]
+    else:
+        mu_r, sigma_r = ref.pool_stats.mean_cov()
+    metrics["fid"] = frechet_distance(mu_s, sigma_s, mu_r, sigma_r, method=fid_method)
+    if sam.spatial_stats is not None:
+        if stored is not None and "mu_s" in stored:
+            ref_spatial = stored["mu_s"], stored["sigma_s"]
+        elif ref.spatial_stats is not None:
+            ref_spatial = ref.spatial_stats.mean_cov()
+        else:
+            ref_spatial = None
+        if ref_spatial is not None:
+            metrics["sfid"] = frechet_distance(*sam.spatial_stats.mean_cov(), *ref_spatial, method=fid_method)
+    metrics["precision"], metrics["recall"] = precision_recall(ref_pool, sam_pool, k=k, fp16=fp16_pr, device=device)
+    record: dict = {"metrics": metrics}
+    if sam.labels is not None:
+        total = float(sam.total.sum())
+        metrics["class_accuracy"] = float(sam.correct.sum()) / total if total else None
+        per_class = (sam.correct / sam.total.clamp_min(1)).tolist()
+        record["class_accuracy_per_class"] = [a if t > 0 else None for a, t in zip(per_class, sam.total.tolist())]
+    return record
+
+
+def format_metrics(metrics: dict) -> str:
+    """The lines ADM's evaluator prints (plus class accuracy when present)."""
+    names = [("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"),
+             ("precision", "Precision"), ("recall", "Recall"), ("class_accuracy", "Class accuracy")]
+    lines = []
+    for key, label in names:
+        value = metrics.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            lines.append(f"{label}: {value}")
+    return "\n".join(lines)
