@@ -189,48 +189,59 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
-def _split_heads(qkv: torch.Tensor, num_heads: int, new_order: bool) -> tuple[torch.Tensor, ...]:
-    """Split a [B, 3*H*d, T] qkv tensor into q, k, v views of shape [B, H, T, d].
+def _heads_from_tokens(qkv: torch.Tensor, num_heads: int, new_order: bool) -> tuple[torch.Tensor, ...]:
+    """Split token-major qkv [B, T, 3*H*d] into q, k, v of shape [B, H, T, d] (d contiguous, no copy).
 
-    Legacy order: channels are (head, {q,k,v}, d). New order: ({q,k,v}, head, d).
+    The channel axis of qkv is (head, {q,k,v}, d) in the legacy order and ({q,k,v}, head, d) in the
+    new order. Keeping d contiguous lets F.scaled_dot_product_attention use its fused kernels.
+    """
+    b, length, width = qkv.shape
+    d = width // (3 * num_heads)
+    if new_order:
+        return qkv.view(b, length, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    return qkv.view(b, length, num_heads, 3, d).permute(3, 0, 2, 1, 4).unbind(0)
+
+
+def sdpa_attention(qkv: torch.Tensor, num_heads: int, new_order: bool, query_len: int | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v per head on token-major qkv [B, T, 3C]; returns [B, T', C].
+
+    T' = query_len (the first tokens' queries only) or T. The fused kernels accumulate the softmax
+    in float32 also for half-precision inputs.
+    """
+    q, k, v = _heads_from_tokens(qkv, num_heads, new_order)
+    if query_len is not None:
+        q = q[:, :, :query_len]
+    out = F.scaled_dot_product_attention(q, k, v)
+    b, h, t, d = out.shape
+    return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def original_attention(
+    qkv: torch.Tensor, num_heads: int, new_order: bool, query_len: int | None = None
+) -> torch.Tensor:
+    """guided-diffusion's attention on channel-major qkv [B, 3C, T]; returns [B, C, T'].
+
+    Hand-written einsums with q and k each scaled by d^-1/4 (keeps fp16 from overflowing) and an
+    explicit float32 softmax. Kept as the reference for tests and benchmarks.
     """
     b, width, length = qkv.shape
     d = width // (3 * num_heads)
     if new_order:
-        parts = qkv.view(b, 3, num_heads, d, length).unbind(1)
+        q, k, v = (p.reshape(b * num_heads, d, length) for p in qkv.chunk(3, dim=1))
     else:
-        parts = qkv.view(b, num_heads, 3, d, length).unbind(2)
-    return tuple(p.transpose(-1, -2) for p in parts)
-
-
-def qkv_attention(
-    qkv: torch.Tensor, num_heads: int, new_order: bool, impl: str = "sdpa", query_len: int | None = None
-) -> torch.Tensor:
-    """Multi-head self-attention on a [B, 3*C, T] qkv tensor; returns [B, C, T'] with T' = query_len or T.
-
-    Both implementations compute softmax(q k^T / sqrt(d)) v per head. "sdpa" uses
-    F.scaled_dot_product_attention (fused kernels accumulate the softmax in float32); "original"
-    is guided-diffusion's einsum form with an explicit float32 softmax.
-    """
-    q, k, v = _split_heads(qkv, num_heads, new_order)
+        q, k, v = qkv.reshape(b * num_heads, 3 * d, length).split(d, dim=1)
     if query_len is not None:
         q = q[:, :, :query_len]
-    b, h, t, d = q.shape
-    if impl == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v)
-    elif impl == "original":
-        scale = 1.0 / math.sqrt(math.sqrt(d))
-        # [B*H, d, T] layout as in the original; scaling q and k separately keeps fp16 from overflowing.
-        qh = (q * scale).transpose(-1, -2).reshape(b * h, d, t)
-        kh = (k * scale).transpose(-1, -2).reshape(b * h, d, k.shape[2])
-        vh = v.transpose(-1, -2).reshape(b * h, d, v.shape[2])
-        weight = torch.einsum("bct,bcs->bts", qh, kh)
-        weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
-        out = torch.einsum("bts,bcs->bct", weight, vh).reshape(b, h, d, t)
-        return out.reshape(b, h * d, t)
-    else:
-        raise ValueError(f"unknown attention implementation {impl!r}; choose one of {ATTENTION_IMPLS}")
-    return out.transpose(-1, -2).reshape(b, h * d, t)
+    scale = 1.0 / math.sqrt(math.sqrt(d))
+    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+    weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
+    out = torch.einsum("bts,bcs->bct", weight, v)
+    return out.reshape(b, num_heads * d, out.shape[-1])
+
+
+def _linear_tokens(tokens: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    # A kernel-1 Conv1d on [B, C, T] is a Linear on [B, T, C]; the released weights are conv-shaped.
+    return F.linear(tokens, conv.weight.squeeze(-1), conv.bias)
 
 
 def resolve_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
@@ -284,10 +295,17 @@ class AttentionBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)
-        qkv = self.qkv(self.norm(x))
-        h = qkv_attention(qkv, self.num_heads, self.new_order, self.impl)
-        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+        if self.impl == "original":
+            x = x.reshape(b, c, -1)
+            h = original_attention(self.qkv(self.norm(x)), self.num_heads, self.new_order)
+            return (x + self.proj_out(h)).reshape(b, c, *spatial)
+        if self.impl != "sdpa":
+            raise ValueError(f"unknown attention implementation {self.impl!r}; choose one of {ATTENTION_IMPLS}")
+        # Token-major [B, T, C]: free for channels-last activations, and what SDPA wants.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        h = sdpa_attention(_linear_tokens(tokens, self.qkv), self.num_heads, self.new_order)
+        h = _linear_tokens(h, self.proj_out).transpose(1, 2).reshape(b, c, *spatial)
+        return x + h
 
 
 class AttentionPool2d(nn.Module):
@@ -310,6 +328,8 @@ class AttentionPool2d(nn.Module):
         x = x.reshape(b, c, -1)
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
         x = x + self.positional_embedding[None].to(x.dtype)
-        qkv = self.qkv_proj(x)
-        h = qkv_attention(qkv, self.num_heads, new_order=True, impl=self.impl, query_len=1)
-        return self.c_proj(h)[:, :, 0]
+        if self.impl == "original":
+            h = original_attention(self.qkv_proj(x), self.num_heads, new_order=True, query_len=1)
+            return self.c_proj(h)[:, :, 0]
+        h = sdpa_attention(_linear_tokens(x.transpose(1, 2), self.qkv_proj), self.num_heads, True, query_len=1)
+        return _linear_tokens(h, self.c_proj)[:, 0]

@@ -29,6 +29,7 @@ from diffusion_core.nn_blocks import (
 )
 
 POOLS = ("attention", "adaptive", "spatial", "spatial_v2")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 def default_channel_mult(image_size: int, super_resolution: bool = False) -> tuple[float, ...]:
@@ -290,6 +291,20 @@ class _Encoder(nn.Module):
             if isinstance(module, (AttentionBlock, AttentionPool2d)):
                 module.impl = impl
 
+    def set_memory_format(self, memory_format: str) -> None:
+        """Layout of the activations inside forward: "channels_last", "contiguous" (NCHW), or "auto"
+        (the default: channels-last on CPU, where oneDNN convolutions and GroupNorm run about twice
+        as fast with it, NCHW elsewhere). Inputs and outputs are unaffected; results agree to rounding."""
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"unknown memory format {memory_format!r}; choose one of {MEMORY_FORMATS}")
+        self.memory_format = memory_format
+
+    def _to_layout(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = getattr(self, "memory_format", "auto")
+        if fmt == "channels_last" or (fmt == "auto" and x.device.type == "cpu"):
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def _embed_time(self, t: torch.Tensor) -> torch.Tensor:
         return self.time_embed(timestep_embedding(t, self.config.model_channels))
 
@@ -363,14 +378,14 @@ class UNetModel(_Encoder):
         elif low_res is not None:
             raise ValueError("low_res given to a model that is not a super-resolution model")
         hs = []
-        h = x
+        h = self._to_layout(x)
         for block in self.input_blocks:
             h = block(h, emb)
             hs.append(h)
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h)
+        return self.out(h).contiguous()
 
     def _check_labels(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         cfg = self.config
@@ -460,7 +475,7 @@ class EncoderUNet(_Encoder):
         emb = self._embed_time(_check_timesteps(timesteps, x.shape[0], x.device))
         spatial = cfg.pool.startswith("spatial")
         feats = []
-        h = x
+        h = self._to_layout(x)
         for block in self.input_blocks:
             h = block(h, emb)
             if spatial:
