@@ -132,6 +132,14 @@ def _sampler_kind(o: SampleOptions) -> str:
     return "ddim" if str(o.steps).startswith("ddim") else "ddpm"
 
 
+def _canonical_scale(scale):
+    """4, 4.0 and "4" are one scale (so they hash alike); schedule strings stay strings."""
+    try:
+        return float(scale)
+    except (TypeError, ValueError):
+        return str(scale).strip()
+
+
 def _nonzero_scale(scale) -> bool:
     try:
         return float(scale) != 0.0
@@ -499,13 +507,13 @@ class _Job:
         self.labels = Labels.build(o.labels, o.num_samples, mp.model.num_classes if o.upsample_from else self.num_classes,
                                    o.seed, base_labels)
 
+        for net in (model, clf):
+            if net is not None:
+                net.eval().requires_grad_(False).to(self.device)
         if o.compile != "none":
             mode = None if o.compile == "default" else o.compile
             model = torch.compile(model, mode=mode)
             clf = torch.compile(clf, mode=mode) if clf is not None else None
-        for net in (model, clf):
-            if net is not None:
-                net.eval().requires_grad_(False).to(self.device)
         self.sampler = GuidedSampler(model, mp, steps=o.steps, sampler=o.sampler, eta=o.eta, classifier=clf,
                                      classifier_scale=o.classifier_scale, cfg_scale=o.cfg_scale,
                                      precision=o.precision, clip_denoised=o.clip_denoised, device=self.device)
@@ -530,8 +538,9 @@ class _Job:
             "classifier_preset": None if self.classifier_preset is None else self.classifier_preset.to_dict(),
             **self.identity,
             "steps": str(o.steps), "sampler": self.sampler.kind, "eta": o.eta,
-            "classifier_scale": None if o.classifier is None else (1.0 if o.classifier_scale is None else o.classifier_scale),
-            "cfg_scale": o.cfg_scale, "labels": self.labels.identity(), "seed": o.seed,
+            "classifier_scale": None if o.classifier is None else _canonical_scale(
+                1.0 if o.classifier_scale is None else o.classifier_scale),
+            "cfg_scale": None if o.cfg_scale is None else _canonical_scale(o.cfg_scale), "labels": self.labels.identity(), "seed": o.seed,
             "num_samples": o.num_samples, "precision": o.precision, "rounding": o.rounding,
             "clip_denoised": o.clip_denoised,
             "upsample": o.upsample_from is not None,
