@@ -87,6 +87,7 @@ class Guard:
         self._grace_s = grace_s
         self._timer: threading.Timer | None = None
         self._requeued = False
+        self._finishing = False
         self._previous: dict[int, object] = {}
 
     def install(self) -> "Guard":
@@ -118,6 +119,7 @@ class Guard:
 
     def finish_preempted(self) -> None:
         """After the stage raised Preempted: requeue if a requeue signal came, then end the process."""
+        self._finishing = True
         if _reason == "requeue":
             self.requeue_once()
             if process_rank() != 0:
@@ -147,7 +149,7 @@ class Guard:
         if _reason is None:
             _reason = "stop"
         print(f"[preemption] rank {process_rank()}: {name}", file=sys.stderr, flush=True)
-        if not _polled:
+        if not _polled or self._finishing:
             raise SystemExit(143)
 
     def _overrun(self) -> None:

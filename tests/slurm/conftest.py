@@ -36,7 +36,13 @@ def cluster() -> str:
     return "local"
 
 
-def adm(*args: str, cwd: Path | str = REPO, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="session")
+def adm():
+    """`adm(*args, cwd=..., env=...)`: the adm command line in a fresh process (as a user runs it)."""
+    return run_adm
+
+
+def run_adm(*args: str, cwd: Path | str = REPO, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the `adm` command line in a fresh process (as a user would) and capture its output."""
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=full_env,
