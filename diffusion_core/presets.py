@@ -111,6 +111,7 @@ def _classifier_recipe(batch_size: int, lr: float, weight_decay: float, total_st
 
 def _adm_unet(size: int, channels: int, blocks: int, **kw: Any) -> UNetConfig:
     kw.setdefault("num_classes", 1000)
+    kw.setdefault("num_heads", 4)  # guided-diffusion's flag default (unused where num_head_channels is set)
     return UNetConfig(
         image_size=size,
         model_channels=channels,

@@ -306,7 +306,9 @@ class _Encoder(nn.Module):
         return x
 
     def _embed_time(self, t: torch.Tensor) -> torch.Tensor:
-        return self.time_embed(timestep_embedding(t, self.config.model_channels))
+        # float32 sinusoids, then the embedding MLP's own dtype (a module converted with .to(bf16) works).
+        emb = timestep_embedding(t, self.config.model_channels)
+        return self.time_embed(emb.to(self.time_embed[0].weight.dtype))
 
 
 class UNetModel(_Encoder):

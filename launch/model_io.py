@@ -65,7 +65,9 @@ def save_model_file(
     else:
         from safetensors.torch import save
 
-        metadata = {"format": FORMAT, "config": json.dumps(config), "extra": json.dumps(extra)}
+        # safetensors sorts tensors by name; keep the state-dict order (OpenAI's files have it) in the metadata.
+        metadata = {"format": FORMAT, "config": json.dumps(config), "extra": json.dumps(extra),
+                    "order": json.dumps(list(tensors))}
         # safetensors refuses tensors sharing memory; our modules have none, but clone defensively.
         atomic_write_bytes(path, save({k: v.clone() for k, v in tensors.items()}, metadata=metadata))
     return path
@@ -89,7 +91,10 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str
         metadata = handle.metadata() or {}
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not an {FORMAT} model file (its metadata has no format {FORMAT!r})")
-    return load_file(str(path)), json.loads(metadata["config"]), json.loads(metadata.get("extra") or "{}")
+    tensors = load_file(str(path))
+    order = [k for k in json.loads(metadata.get("order") or "[]") if k in tensors]
+    state_dict = {k: tensors[k] for k in order + sorted(set(tensors) - set(order))}
+    return state_dict, json.loads(metadata["config"]), json.loads(metadata.get("extra") or "{}")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
