@@ -527,9 +527,10 @@ class _Job:
     def _content(self) -> dict:
         """Everything that changes the pixels or their order; the options hash is its sha256.
 
-        Not in it: the world size, the shard size (both only decide who computes what) and the batch
-        size (see docs/sampling.md: on CPUs batch sizes >= 2 agreed bitwise in our tests, batch size 1
-        differs in the last bits, so a changed batch size on restart is reported, not refused).
+        Not in it: the world size and the shard size (they only decide who computes what), and the
+        batch size: it changes the last bits of conv/linear results (docs/sampling.md), so samples of
+        two batch sizes agree only to about one uint8 level; a restart with another batch size is
+        reported, not refused (a preempted job may have to continue on smaller GPUs).
         """
         o = self.o
         return {

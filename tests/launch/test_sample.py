@@ -105,18 +105,22 @@ def test_guided_file_options_and_agreement_with_the_core_loop(models, tmp_path):
     assert path.stat().st_mtime_ns == before
 
 
-def test_independent_of_batch_size_and_shard_layout(models, tmp_path):
-    """Batch sizes >= 2 and any shard size give the same bytes; batch size 1 agrees to one level."""
-    kw = dict(classifier=models["clf"], num_samples=7, steps="3")
-    ref_images, ref_labels = _arrays(sample(_opts(models, tmp_path / "b4", batch_size=4, shard_size=4, **kw)))
-    for b, s in ((2, 3), (3, 7)):
-        images, labels = _arrays(sample(_opts(models, tmp_path / f"b{b}", batch_size=b, shard_size=s, **kw)))
-        np.testing.assert_array_equal(images, ref_images)
+def test_independent_of_shard_layout_and_n_and_close_across_batch_sizes(models, tmp_path):
+    """Fixed batch size: bitwise the same for any shard size and N (each sample always meets the
+    networks in a batch of B, with other companions). Other batch sizes: CPU kernels change the last
+    bits with the batch size, so only closeness is promised."""
+    kw = dict(classifier=models["clf"], steps="3", batch_size=4)
+    ref_images, ref_labels = _arrays(sample(_opts(models, tmp_path / "ref", num_samples=7, shard_size=8, **kw)))
+    for n, s in ((7, 3), (5, 2)):
+        images, labels = _arrays(sample(_opts(models, tmp_path / f"n{n}s{s}", num_samples=n, shard_size=s, **kw)))
+        np.testing.assert_array_equal(images, ref_images[:n])
+        np.testing.assert_array_equal(labels, ref_labels[:n])
+    for b in (1, 3):
+        images, labels = _arrays(sample(_opts(models, tmp_path / f"b{b}", num_samples=7, shard_size=7,
+                                              **{**kw, "batch_size": b})))
         np.testing.assert_array_equal(labels, ref_labels)
-    images, labels = _arrays(sample(_opts(models, tmp_path / "b1", batch_size=1, shard_size=7, **kw)))
-    np.testing.assert_array_equal(labels, ref_labels)
-    diff = np.abs(images.astype(int) - ref_images.astype(int))
-    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+        diff = np.abs(images.astype(int) - ref_images.astype(int))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.999, (diff.max(), (diff == 0).mean())
 
 
 def test_guidance_changes_samples_and_every_mode_runs(models, tmp_path):
