@@ -300,7 +300,14 @@ class ShardLoader:
 
     @staticmethod
     def _check_resize(manifest: dict | None, image_size: int, mode: str, min_crop_frac: float) -> None:
-        resized = (manifest or {}).get("options", {}).get("resize_short_side")
+        options = (manifest or {}).get("options", {})
+        crop = options.get("center_crop")
+        if crop and (mode != "center" or image_size != crop):
+            raise ValueError(
+                f"these shards hold ADM centre crops of {crop} px: only mode='center' with image_size={crop} can use them "
+                f"(asked: mode={mode!r}, image_size={image_size}); prepare shards without --center-crop for other uses"
+            )
+        resized = options.get("resize_short_side")
         if not resized:
             return
         if image_size > resized:

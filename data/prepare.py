@@ -30,13 +30,14 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data.classes import imagenet_wnids
 from data.fileio import atomic_open
 from data.shards import MANIFEST_FORMAT, MANIFEST_NAME
 from data.sources import Source, SourceItem, read_item, scan_source
-from data.transforms import _halve_while_large
+from data.transforms import _halve_while_large, center_crop_arr
 
 log = logging.getLogger("data.prepare")
 
@@ -45,6 +46,7 @@ PLAN_NAME = "plan.json"
 DEFAULT_SHARD_SIZE = 256 << 20
 SHUFFLE_SEED = 0
 _TAR_BLOCK = 512
+RESIZE_FORMATS = ("png", "npy", "jpg")
 _EXT_BY_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "PPM": "ppm", "TIFF": "tiff"}
 
 
@@ -150,15 +152,22 @@ def _check_image(data: bytes) -> tuple[Image.Image, str]:
     return img, f"{fmt}:{mode}"
 
 
-def _encode_resized(data: bytes, short_side: int, fmt: str) -> tuple[bytes, str]:
+def _encode_resized(data: bytes, short_side: int | None, crop: int | None, fmt: str) -> tuple[bytes, str]:
     img = Image.open(io.BytesIO(data))
     img.load()
     img = img.convert("RGB") if img.mode != "RGB" else img
-    # Only ADM's own BOX halvings: the loader's centre crop continues from here exactly as from the
-    # original, for every image_size <= short_side.
-    img = _halve_while_large(img, short_side)
+    if crop:
+        # ADM's whole centre crop, done once: the loader's center_crop_arr of an SxS image is the identity.
+        img = Image.fromarray(center_crop_arr(img, crop))
+    else:
+        # Only ADM's own BOX halvings: the loader's crop continues from here exactly as from the
+        # original, for every image_size <= short_side.
+        img = _halve_while_large(img, short_side)
     out = io.BytesIO()
-    if fmt == "png":
+    if fmt == "npy":
+        # Raw pixels: no decoding at all when loading; about the size of a PNG of a photo.
+        np.save(out, np.asarray(img), allow_pickle=False)
+    elif fmt == "png":
         img.save(out, format="PNG", compress_level=6)
     else:
         img.save(out, format="JPEG", quality=95)
@@ -218,8 +227,8 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
                     skipped.append({"path": item.name, "reason": _reason(err)})
                     continue
                 fmt = kind.split(":")[0]
-                if options["resize_short_side"]:
-                    data, ext = _encode_resized(data, options["resize_short_side"], options["resize_format"])
+                if options["resize_short_side"] or options["center_crop"]:
+                    data, ext = _encode_resized(data, options["resize_short_side"], options["center_crop"], options["resize_format"])
                 else:
                     ext = _EXT_BY_FORMAT.get(fmt, fmt.lower())
                 _add_member(tar, f"{key}.{ext}", data)
@@ -241,7 +250,7 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- the job ------------------------------------------------------------------------------------
-def _options(split, val_labels, shard_size, samples_per_shard, resize_short_side, resize_format, allow_custom_classes, src):
+def _options(split, val_labels, shard_size, samples_per_shard, resize_short_side, center_crop, resize_format, allow_custom_classes, src):
     labels_sha = hashlib.sha256(Path(val_labels).read_bytes()).hexdigest() if val_labels and Path(val_labels).is_file() else None
     return {
         "source": str(Path(src).resolve()),
@@ -250,7 +259,8 @@ def _options(split, val_labels, shard_size, samples_per_shard, resize_short_side
         "shard_size": None if samples_per_shard else int(shard_size),
         "samples_per_shard": int(samples_per_shard) if samples_per_shard else None,
         "resize_short_side": int(resize_short_side) if resize_short_side else None,
-        "resize_format": resize_format if resize_short_side else None,
+        "center_crop": int(center_crop) if center_crop else None,
+        "resize_format": resize_format if resize_short_side or center_crop else None,
         "allow_custom_classes": bool(allow_custom_classes),
         "shuffle_seed": SHUFFLE_SEED,
     }
@@ -341,6 +351,7 @@ def prepare_imagenet(
     samples_per_shard: int | None = None,
     workers: int = 1,
     resize_short_side: int | None = None,
+    center_crop: int | None = None,
     resize_format: str = "png",
     allow_custom_classes: bool = False,
     progress: bool = False,
@@ -359,8 +370,12 @@ def prepare_imagenet(
         raise ValueError(f"shard_size must be a positive number of bytes, got {shard_size}")
     if resize_short_side is not None and int(resize_short_side) < 1:
         raise ValueError(f"resize_short_side must be a positive number of pixels, got {resize_short_side}")
-    if resize_format not in ("png", "jpg"):
-        raise ValueError(f"resize_format must be 'png' (exact) or 'jpg' (smaller, lossy), got {resize_format!r}")
+    if center_crop is not None and int(center_crop) < 1:
+        raise ValueError(f"center_crop must be a positive number of pixels, got {center_crop}")
+    if resize_short_side and center_crop:
+        raise ValueError("choose one of resize_short_side (keeps random crops possible) and center_crop (one size only)")
+    if resize_format not in RESIZE_FORMATS:
+        raise ValueError(f"resize_format must be 'png' or 'npy' (exact) or 'jpg' (smaller, lossy), got {resize_format!r}")
     if int(workers) < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not Path(src).exists():
@@ -370,7 +385,9 @@ def prepare_imagenet(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a folder")
-    options = _options(split, val_labels, shard_size, samples_per_shard, resize_short_side, resize_format, allow_custom_classes, src)
+    options = _options(
+        split, val_labels, shard_size, samples_per_shard, resize_short_side, center_crop, resize_format, allow_custom_classes, src
+    )
     state_dir = out / STATE_DIR
     plan_path = state_dir / PLAN_NAME
     if out.exists():

@@ -19,7 +19,7 @@ import braceexpand
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "adm-shards/1"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "tif", "tiff")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "npy", "webp", "bmp", "gif", "ppm", "tif", "tiff")
 
 
 class ShardReadError(OSError):

@@ -157,6 +157,12 @@ def decode_image(data: bytes, draft_size: int | None = None, decoder: str = "pil
     while the short side stays >= draft_size. Faster, but NOT bit-identical to ADM's preprocessing;
     only used when asked for.
     """
+    if data[:6] == b"\x93NUMPY":
+        # Pre-resized shards in `npy` format: raw uint8 HxWx3 pixels.
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"an .npy image must be uint8 HxWx3, got {arr.dtype} {arr.shape}")
+        return Image.fromarray(arr, "RGB")
     if decoder == "simplejpeg" and draft_size is None:
         img = _decode_simplejpeg(data)
         if img is not None:

@@ -34,7 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="store images after ADM's BOX halvings down to short side in [S, 2S): exact for image sizes <= S",
     )
-    parser.add_argument("--resize-format", choices=("png", "jpg"), default="png", help="png: exact (default); jpg: smaller, lossy")
+    parser.add_argument(
+        "--center-crop",
+        type=int,
+        help="store ADM's centre crop at this size: exact and fastest, but only for centre crops at exactly this size",
+    )
+    parser.add_argument(
+        "--resize-format",
+        choices=("png", "npy", "jpg"),
+        default="png",
+        help="png (default) or npy (raw pixels, fastest to load): exact; jpg: smaller, lossy",
+    )
     parser.add_argument("--allow-custom-classes", action="store_true", help="build the class list from the source (non-ImageNet data)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -53,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         samples_per_shard=args.samples_per_shard,
         workers=args.workers,
         resize_short_side=args.resize_short_side,
+        center_crop=args.center_crop,
         resize_format=args.resize_format,
         allow_custom_classes=args.allow_custom_classes,
         progress=not args.no_progress and sys.stderr.isatty(),

@@ -184,14 +184,24 @@ def test_bad_arguments_and_mismatched_state(mini_shards, tmp_path):
 def test_pre_resized_shards_give_identical_batches(tmp_path, mini_src, mini_shards):
     resized = tmp_path / "resized"
     prepare_imagenet(mini_src, resized, samples_per_shard=4, resize_short_side=24)
+    raw = tmp_path / "raw"
+    prepare_imagenet(mini_src, raw, samples_per_shard=4, resize_short_side=24, resize_format="npy")
     for size in (16, 24):
         a = _take(ShardLoader(mini_shards, size, 6, seed=2), 6)
-        b = _take(ShardLoader(resized, size, 6, seed=2), 6)
-        for x, y in zip(a, b):
-            assert x["keys"] == y["keys"]
-            assert torch.equal(x["images"], y["images"])  # bit-identical to ADM's preprocessing
+        for folder in (resized, raw):
+            b = _take(ShardLoader(folder, size, 6, seed=2), 6)
+            for x, y in zip(a, b):
+                assert x["keys"] == y["keys"]
+                assert torch.equal(x["images"], y["images"])  # bit-identical to ADM's preprocessing
     with pytest.raises(ValueError, match="pre-resized to short side 24"):
         ShardLoader(resized, 32, 4)
+    cropped = tmp_path / "cropped"
+    prepare_imagenet(mini_src, cropped, samples_per_shard=4, center_crop=16, resize_format="npy")
+    a = _take(ShardLoader(mini_shards, 16, 6, seed=2), 6)
+    b = _take(ShardLoader(cropped, 16, 6, seed=2), 6)
+    assert all(torch.equal(x["images"], y["images"]) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="centre crops of 16 px"):
+        ShardLoader(cropped, 16, 4, mode="random-crop")
 
 
 def test_draft_decoder_is_close_to_exact(mini_shards):

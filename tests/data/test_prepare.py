@@ -209,4 +209,10 @@ def test_bad_sources_give_clear_errors(tmp_path, mini_src):
     (empty / "n02085620").mkdir()
     with pytest.raises(ValueError, match="n02085620 hold no files"):
         prepare_imagenet(empty, tmp_path / "o")
+    with pytest.raises(ValueError, match="choose one of resize_short_side"):
+        prepare_imagenet(mini_src, tmp_path / "o", resize_short_side=64, center_crop=64)
+    with pytest.raises(ValueError, match="resize_format"):
+        prepare_imagenet(mini_src, tmp_path / "o", resize_short_side=64, resize_format="webp")
+    with pytest.raises(ValueError, match="split"):
+        prepare_imagenet(mini_src, tmp_path / "o", split="test")
     assert not (tmp_path / "o").exists()  # nothing was created for any bad input
