@@ -589,8 +589,6 @@ class _Job:
                 raise ValueError(f"{out} holds samples made with other options (hash {str(found)[:12]}, this run "
                                  f"{self.hash[:12]}); use another --out, or --overwrite to delete them")
             self._clear()
-        elif o.overwrite:
-            self._clear()
         elif self.npz_path.is_file() and (out / "options.json").is_file():
             return None
         sf.remove_stale_temporaries(out)
@@ -614,11 +612,19 @@ class _Job:
         return pending
 
     def _clear(self) -> None:
+        """Delete what an earlier run wrote here (only its own files: OUT may hold other things,
+        e.g. the base samples of an upsampling run)."""
+        old_file = None
+        try:
+            old_file = json.loads((self.out / "options.json").read_text()).get("samples_file")
+        except (OSError, ValueError):
+            pass
         shutil.rmtree(self.out / sf.SHARD_DIR, ignore_errors=True)
-        for name in ["options.json", "grid.png"]:
-            (self.out / name).unlink(missing_ok=True)
-        for p in self.out.glob("samples_*x*.npz"):
-            p.unlink()
+        keep = Path(self.o.upsample_from).resolve() if self.o.upsample_from else None
+        for p in {self.out / "options.json", self.out / "grid.png", self.npz_path,
+                  *([self.out / Path(old_file).name] if old_file else [])}:
+            if keep is None or p.resolve() != keep:
+                p.unlink(missing_ok=True)
 
     def _shard_range(self, k: int) -> tuple[int, int]:
         start = k * self.o.shard_size

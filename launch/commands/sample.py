@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--out", required=True, help="output folder (samples_*.npz, options.json, grid.png, shards/ while running)")
     out.add_argument("--shard-size", type=int, default=512, help="samples per shard file (the unit of restart)")
-    out.add_argument("--overwrite", action="store_true", help="delete samples in --out made with other options")
+    out.add_argument("--overwrite", action="store_true", help="replace samples in --out made with other options (same options: resume)")
     out.add_argument("--keep-shards", action="store_true", help="keep shards/ after the merge")
     out.add_argument("--grid-size", type=int, default=64, help="samples in grid.png (0: none)")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -209,10 +209,12 @@ def test_refusals_and_warnings(models, tmp_path):
         sample(_opts(models, tmp_path / "a", batch_size=0))
     # An output folder with other options is refused, and taken over with overwrite.
     sample(_opts(models, tmp_path / "o", num_samples=2, batch_size=2, steps="1"))
+    (tmp_path / "o" / "mine.txt").write_text("not the sampler's")
     with pytest.raises(ValueError, match="other options.*--overwrite"):
         sample(_opts(models, tmp_path / "o", num_samples=2, batch_size=2, steps="1", seed=1))
     path = sample(_opts(models, tmp_path / "o", num_samples=2, batch_size=2, steps="1", seed=1, overwrite=True))
     assert json.loads((tmp_path / "o" / "options.json").read_text())["seed"] == 1 and path.is_file()
+    assert (tmp_path / "o" / "mine.txt").is_file()
     # A classifier noised with another schedule: a warning, then sampling.
     with pytest.warns(UserWarning, match="cosine schedule"):
         sample(_opts(models, tmp_path / "w", classifier=models["clf_cos"], num_samples=2, batch_size=2, steps="1"))
