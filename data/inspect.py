@@ -1,11 +1,12 @@
 """`adm inspect-shards`: what a folder of shards really holds, read back sample by sample.
 
 Counts per class, classes missing from the class list, duplicate keys, samples that do not decode
-or lack a label, shards that cannot be read, disagreements with the manifest, and an optional grid
-of examples (ADM's centre crop) to look at.
+or lack a label, shards that cannot be read, disagreements with the manifest (sample counts and
+sha256 of local shards), and an optional grid of examples (ADM's centre crop) to look at.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from data.fileio import atomic_write_bytes
-from data.shards import ShardReadError, image_field, iter_raw_samples, resolve_shards
+from data.shards import ShardReadError, image_field, is_url, iter_raw_samples, resolve_shards
 from data.transforms import center_crop_arr, decode_image
 
 
@@ -51,6 +52,10 @@ def inspect_shards(
     bad_samples: list[dict[str, str]] = []
     bad_shards: list[dict[str, str]] = []
     count_mismatch: list[dict[str, Any]] = []
+    checksum_mismatch: list[str] = []
+    sha_of = {}
+    if shard_set.manifest and shard_set.root and not is_url(shard_set.root):
+        sha_of = {os.path.join(shard_set.root, s["name"]): s.get("sha256") for s in shard_set.manifest["shards"]}
     tiles: list[np.ndarray] = []
     total = 0
     for url in shard_set.urls:
@@ -69,6 +74,8 @@ def inspect_shards(
                     tiles.append(center_crop_arr(decode_image(sample[image_field(sample)]), grid_size))
         except ShardReadError as err:
             bad_shards.append({"shard": url, "reason": str(err)})
+        if sha_of.get(url) and os.path.exists(url) and _sha256(url) != sha_of[url]:
+            checksum_mismatch.append(url)
         expected = shard_set.counts.get(url)
         if expected is not None and expected != seen:
             count_mismatch.append({"shard": url, "manifest": expected, "read": seen})
@@ -83,6 +90,7 @@ def inspect_shards(
         "bad_samples": bad_samples,
         "bad_shards": bad_shards,
         "manifest_count_mismatch": count_mismatch,
+        "checksum_mismatch": checksum_mismatch,
         "manifest_samples": shard_set.manifest.get("num_samples") if shard_set.manifest else None,
     }
     if grid is not None:
@@ -91,6 +99,14 @@ def inspect_shards(
         report["grid"] = str(grid)
         atomic_write_bytes(grid, _grid_png(tiles))
     return report
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _grid_png(tiles: list[np.ndarray]) -> bytes:
@@ -125,6 +141,7 @@ def format_report(report: dict[str, Any], max_lines: int = 20) -> str:
         ("bad samples", report["bad_samples"]),
         ("unreadable shards", report["bad_shards"]),
         ("shards whose count differs from the manifest", report["manifest_count_mismatch"]),
+        ("shards whose sha256 differs from the manifest", [{"shard": s} for s in report["checksum_mismatch"]]),
     ):
         if rows:
             lines.append(f"{title} ({len(rows)}):")
@@ -138,4 +155,10 @@ def format_report(report: dict[str, Any], max_lines: int = 20) -> str:
 
 def report_is_clean(report: dict[str, Any]) -> bool:
     """True when nothing is wrong (missing classes alone are not an error)."""
-    return not (report["duplicate_keys"] or report["bad_samples"] or report["bad_shards"] or report["manifest_count_mismatch"])
+    return not (
+        report["duplicate_keys"]
+        or report["bad_samples"]
+        or report["bad_shards"]
+        or report["manifest_count_mismatch"]
+        or report["checksum_mismatch"]
+    )

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data.classes import imagenet_wnids
 from data.fileio import atomic_open, atomic_write_bytes
 
 # Real WNIDs spread over the list (first, a dog, last, ...), so label indices are not 0..k-1.
@@ -160,4 +159,4 @@ def make_tiny_shards(
     return out
 
 
-__all__ = ["make_miniature_imagenet", "make_tiny_shards", "miniature_files", "imagenet_wnids"]
+__all__ = ["make_miniature_imagenet", "make_tiny_shards", "miniature_files"]

@@ -450,17 +450,30 @@ def _run_shards(src, source, plan, out: Path, split: str, workers: int, progress
         else:
             todo.append(task)
     total = len(plan["shard_counts"])
+    if len(todo) < total:
+        log.info("resuming: %d of %d shards are already complete", total - len(todo), total)
     bar = tqdm(total=total, initial=total - len(todo), unit="shard", desc="prepare-imagenet", disable=not progress)
+    every = max(1, total // 20)
+
+    def finished(record: dict[str, Any]) -> None:
+        records[record["name"]] = record
+        bar.update(1)
+        if not progress and (len(records) % every == 0 or len(records) == total):
+            log.info("%d/%d shards written", len(records), total)  # for batch logs without a terminal
+
     with bar:
         if workers == 1 or len(todo) <= 1:
             for task in todo:
-                records[task["name"]] = write_shard(task)
-                bar.update(1)
+                finished(write_shard(task))
         else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("fork")) as pool:
+            # fork, not spawn: works when the caller's __main__ is not importable (stdin, notebooks).
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("fork"))
+            try:
                 futures = [pool.submit(write_shard, task) for task in todo]
                 for future in as_completed(futures):
-                    record = future.result()
-                    records[record["name"]] = record
-                    bar.update(1)
+                    finished(future.result())
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # stop queued shards; running ones finish cleanly
+                raise
+            pool.shutdown(wait=True)
     return [records[shard_name(split, i)] for i in range(total)]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from data.classes import imagenet_index, imagenet_wnids, is_wnid
+from data.classes import imagenet_index, imagenet_wnids
 
 LAYOUTS = ("class-folders", "train-tar", "tar-class-folders", "val-folder", "val-tar")
 

@@ -43,6 +43,21 @@ def test_inspect_reports_duplicates_bad_samples_and_bad_shards(mini_shards, tmp_
     assert any(m["shard"].endswith("train-000005.tar") for m in report["manifest_count_mismatch"])
 
 
+def test_inspect_catches_a_silently_changed_shard(mini_shards, tmp_path, capsys):
+    changed = tmp_path / "changed"
+    shutil.copytree(mini_shards, changed)
+    shard = changed / "train-000002.tar"
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        label = next(m for m in tar.getmembers() if m.name.endswith(".cls"))
+    # A wrong label that still parses: only the checksum can tell.
+    data[label.offset_data] = ord("7") if data[label.offset_data] != ord("7") else ord("8")
+    shard.write_bytes(bytes(data))
+    assert main(["inspect-shards", str(changed)]) == 1
+    out = capsys.readouterr().out
+    assert "sha256 differs" in out and "bad samples" not in out
+
+
 def test_prepare_cli_summary_and_errors(mini_src, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["prepare-imagenet", str(mini_src), str(out), "--shard-size", "40k", "--workers", "1"]) == 0

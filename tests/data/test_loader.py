@@ -101,6 +101,21 @@ def test_shard_arguments_folder_glob_brace_list_manifest_pipe(mini_shards):
     assert keys([f"pipe:cat {mini_shards / n}" for n in names]) == expected
 
 
+def test_fsspec_url_folder_with_manifest(mini_shards):
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    for path in mini_shards.iterdir():
+        if path.is_file():
+            fs.pipe(f"/adm-test-shards/{path.name}", path.read_bytes())
+    try:
+        loader = ShardLoader("memory://adm-test-shards/", 8, 4, seed=0, shuffle_buffer=1)
+        assert loader.num_samples == GOOD_SAMPLES and loader.num_classes == 1000
+        keys = Counter(k for b in _take(loader, GOOD_SAMPLES // 4) for k in b["keys"])
+        assert keys == Counter(_manifest_keys(mini_shards))
+    finally:
+        fs.rm("/adm-test-shards", recursive=True)
+
+
 def _copy_with_corrupt_sample(src: Path, dst: Path) -> None:
     dst.mkdir()
     for i, shard in enumerate(sorted(src.glob("train-*.tar"))):

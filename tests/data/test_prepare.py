@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -17,7 +15,7 @@ from data.miniature import make_miniature_imagenet, miniature_files
 from data.prepare import prepare_imagenet
 from data.shards import iter_raw_samples
 
-from .conftest import GOOD_SAMPLES, NUM_CLASSES, PER_CLASS, tree_digest
+from .conftest import GOOD_SAMPLES, NUM_CLASSES, tree_digest
 
 
 def _samples(folder: Path) -> list[dict]:
