@@ -393,8 +393,14 @@ def prepare_imagenet(
     if out.exists():
         _refuse_other_options(out, plan_path, options)
         if (out / MANIFEST_NAME).exists() and plan_path.exists():
-            log.info("%s is already complete", out)
-            return json.loads((out / MANIFEST_NAME).read_text())
+            manifest = json.loads((out / MANIFEST_NAME).read_text())
+            intact = all(
+                (out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"] for s in manifest["shards"]
+            )
+            if intact:
+                log.info("%s is already complete", out)
+                return manifest
+            log.info("%s: shards listed in manifest.json are missing or changed; rewriting them", out)
     # Scan (and fail on bad input) before creating anything in `out`.
     source = scan_source(src, split, val_labels, allow_custom_classes)
     plan = make_plan(source, options)

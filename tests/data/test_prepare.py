@@ -75,6 +75,9 @@ def test_rerun_is_noop_and_other_options_are_refused(mini_root, mini_src):
     with pytest.raises(ValueError, match="other options.*resize_short_side"):
         prepare_imagenet(mini_src, out, samples_per_shard=4, resize_short_side=32)
     assert tree_digest(out) == before  # nothing written, nothing lost
+    (out / "train-000003.tar").unlink()  # lost after completion: a rerun restores it exactly
+    prepare_imagenet(mini_src, out, samples_per_shard=4)
+    assert tree_digest(out) == before
 
 
 def test_resume_after_simulated_crash_states(mini_root, mini_src):
