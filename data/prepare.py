@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data.classes import imagenet_wnids
-from data.fileio import atomic_open
+from data.fileio import atomic_open, atomic_write_json
 from data.shards import MANIFEST_FORMAT, MANIFEST_NAME
 from data.sources import Source, SourceItem, read_item, scan_source
 from data.transforms import _halve_while_large, center_crop_arr
@@ -174,28 +174,6 @@ def _encode_resized(data: bytes, short_side: int | None, crop: int | None, fmt: 
     return out.getvalue(), fmt
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
-def _readable_by_all(handle: BinaryIO) -> None:
-    # Temp files are created 0600; shards on a shared file system must be readable by the group,
-    # so give them the permissions a plain open() would have.
-    os.fchmod(handle.fileno(), 0o666 & ~_UMASK)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_open(path, "w") as handle:
-        _readable_by_all(handle)
-        json.dump(obj, handle, indent=2)
-        handle.write("\n")
-
-
 def _reason(err: Exception) -> str:
     # Stable text (no object addresses), so a rerun writes a byte-identical manifest.
     if isinstance(err, UnidentifiedImageError):
@@ -212,7 +190,6 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         src_tar = stack.enter_context(open(task["src"], "rb")) if task["src_is_tar"] else None
         handle = stack.enter_context(atomic_open(out / name, "wb"))
-        _readable_by_all(handle)
         writer = _HashingWriter(handle)
         with tarfile.open(fileobj=writer, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for key, item, label in task["samples"]:
@@ -245,7 +222,7 @@ def write_shard(task: dict[str, Any]) -> dict[str, Any]:
         "formats": dict(sorted(formats.items())),
         "skipped": skipped,
     }
-    _write_json(out / STATE_DIR / f"{name}.json", record)
+    atomic_write_json(out / STATE_DIR / f"{name}.json", record)
     return record
 
 
@@ -419,11 +396,11 @@ def prepare_imagenet(
                     "use a new output folder"
                 )
         else:
-            _write_json(plan_path, saved_plan)
+            atomic_write_json(plan_path, saved_plan)
         _remove_stale_temps(out)
         records = _run_shards(src, source, plan, out, split, workers, progress)
         manifest = _build_manifest(source, plan, records)
-        _write_json(out / MANIFEST_NAME, manifest)
+        atomic_write_json(out / MANIFEST_NAME, manifest)
     return manifest
 
 
