@@ -1,0 +1,414 @@
+"""`adm demo`: the whole pipeline on 5,000 real MNIST digits, in minutes on a CPU.
+
+It runs the real stages, in order, each through the same library call its `adm` command makes:
+
+  dataset      data.demo_dataset: the digits as an ImageNet-style folder of class folders
+  shards       data.prepare.prepare_imagenet (`adm prepare-imagenet --allow-custom-classes`)
+  unet         launch.train.train (`adm train --preset demo-unet`): an UNCONDITIONAL ADM UNet
+  classifier   launch.train_classifier.train_classifier (`adm train-classifier --preset demo-classifier`)
+  domain       evaluation.domain_classifier: an independent classifier of clean images; it gives
+               the class accuracy of samples and the features for FID / precision / recall
+  reference    evaluation.io.write_reference_batch: real images to compare against
+  sample-sX    launch.sampler.sample (`adm sample --classifier-scale X`) for every scale X
+  eval-sX      FID, precision, recall and class accuracy of each sample file
+  report       report.html / report.md / report.json, per-class grids per scale, plots
+
+and shows the paper's point: classifier guidance trades diversity (recall) for class fidelity
+(accuracy, precision). Every stage leaves a marker in OUT/stages/ when it is done, so a rerun skips
+finished stages (and the training and sampling jobs themselves resume inside a stage).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from data.fileio import atomic_write_json
+
+STAGE_DIR = "stages"
+SETTINGS_FILE = "demo.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# settings
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of one demo run. `quick()` and `full()` are the two tuned sets; `--set` edits a field."""
+
+    image_size: int = 32  # side the models work at (the digits are stored at 32 px)
+    per_class: int | None = None  # digits per class used (None: all 500)
+    unet_preset: str = "demo-unet"
+    unet_model: tuple[tuple[str, Any], ...] = ()  # preset overrides, e.g. (("image_size", 16),)
+    unet_steps: int = 600
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    classifier_preset: str = "demo-classifier"
+    classifier_model: tuple[tuple[str, Any], ...] = ()
+    classifier_steps: int = 400
+    classifier_batch: int = 32
+    classifier_lr: float = 1e-3
+    domain_epochs: int = 4
+    num_samples: int = 250  # per guidance scale
+    ref_samples: int = 1000  # real images in the reference batch
+    sample_steps: str = "ddim25"
+    sample_batch: int = 50
+    scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        """Under 4 minutes on two CPU cores (what CI runs)."""
+        return cls()
+
+    @classmethod
+    def full(cls) -> "DemoSettings":
+        """Under 15 minutes on two CPU cores."""
+        return cls()
+
+    def replace(self, items: list[str]) -> "DemoSettings":
+        """Apply `key=value` edits (values parsed as YAML: numbers, lists, null)."""
+        import yaml
+
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes = {}
+        for item in items:
+            key, sep, text = item.partition("=")
+            key = key.strip()
+            if not sep or key not in fields:
+                raise ValueError(f"--set expects KEY=VALUE with KEY one of {', '.join(fields)}; got {item!r}")
+            value = yaml.safe_load(text)
+            if key in ("unet_model", "classifier_model"):
+                if not isinstance(value, dict):
+                    raise ValueError(f"{key} takes a mapping of preset overrides, e.g. {key}={{image_size: 16}}")
+                value = tuple(sorted(value.items()))
+            elif key == "scales":
+                value = tuple(float(v) for v in (value if isinstance(value, list) else [value]))
+            changes[key] = value
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+def scale_name(scale: float) -> str:
+    """Folder-safe name of a guidance scale: 0 -> 's0', 0.5 -> 's0.5'."""
+    return f"s{scale:g}"
+
+
+class Demo:
+    """One demo run in folder `out` (see the module docstring for the stages)."""
+
+    def __init__(self, out: str | os.PathLike, settings: DemoSettings, log: Callable[[str], None] = print):
+        self.out = Path(out)
+        self.s = settings
+        self.log = log
+        self.stage_times: dict[str, dict] = {}
+        self.paths = {
+            "digits": self.out / "digits",
+            "shards": self.out / "shards",
+            "unet": self.out / "runs" / "unet",
+            "classifier": self.out / "runs" / "classifier",
+            "domain": self.out / "domain_classifier.pt",
+            "reference": self.out / "reference.npz",
+            "samples": self.out / "samples",
+            "metrics": self.out / "metrics",
+            "report": self.out / "report",
+        }
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _check_settings(self) -> None:
+        """Refuse a folder made with other settings (its finished stages would not match)."""
+        path = self.out / SETTINGS_FILE
+        mine = self.s.to_dict()
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved != mine:
+                diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+                raise ValueError(f"{self.out} holds a demo run with other settings ({', '.join(diff)} differ, "
+                                 f"e.g. --quick vs the full run); use another --out or delete {self.out}")
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, mine)
+
+    def _stage(self, name: str, title: str, fn: Callable[[], dict | None]) -> dict:
+        """Run stage `name` unless its marker says it is done; record and return its info."""
+        marker = self.out / STAGE_DIR / f"{name}.json"
+        if marker.is_file():
+            info = json.loads(marker.read_text())
+            info["skipped"] = True
+            self.stage_times[name] = info
+            self.log(f"[demo] {name:<12} done before ({info['seconds']:.0f} s), skipped")
+            return info
+        self.log(f"[demo] {name:<12} {title} ...")
+        t0 = time.perf_counter()
+        result = fn() or {}
+        info = {"seconds": round(time.perf_counter() - t0, 2), **result}
+        atomic_write_json(marker, info)
+        info["skipped"] = False
+        self.stage_times[name] = info
+        self.log(f"[demo] {name:<12} done in {info['seconds']:.0f} s")
+        return info
+
+    # -- stages -----------------------------------------------------------------------------------
+    def dataset(self) -> dict:
+        from data.demo_dataset import write_digit_folders
+
+        summary = write_digit_folders(self.paths["digits"], per_class=self.s.per_class)
+        return {"num_images": summary["num_images"]}
+
+    def shards(self) -> dict:
+        from data.prepare import prepare_imagenet
+
+        # Ten shards, so the loader has something to shuffle between.
+        per_shard = max(1, (self.s.per_class or 500))
+        manifest = prepare_imagenet(self.paths["digits"], self.paths["shards"], allow_custom_classes=True,
+                                    samples_per_shard=per_shard, workers=1)
+        return {"num_samples": manifest["num_samples"], "num_shards": len(manifest["shards"])}
+
+    def _train(self, kind: str, run_dir: Path, preset: str, model: tuple, steps: int, batch: int, lr: float) -> dict:
+        """The `adm train` / `adm train-classifier` job, configured as its command line would."""
+        from launch.config import build_config
+
+        sets = [f"total_steps={steps}", f"batch_size={batch}", f"lr={lr}", f"seed={self.s.seed}",
+                "num_workers=0",  # two cores: decoding 32 px PNGs in-process beats worker processes
+                f"log_every={max(1, steps // 10)}", f"save_every={max(1, steps // 3)}", "keep_last=1"]
+        sets += [f"model.{k}={v}" for k, v in model]
+        cfg = build_config(kind, sets=sets, preset=preset, data=str(self.paths["shards"]))
+        if kind == "classifier":
+            from launch.train_classifier import train_classifier as job
+        else:
+            from launch.train import train as job
+        job(cfg, run_dir)
+        return {"steps": steps, "batch_size": batch}
+
+    def unet(self) -> dict:
+        s = self.s
+        return self._train("diffusion", self.paths["unet"], s.unet_preset, s.unet_model, s.unet_steps,
+                           s.unet_batch, s.unet_lr)
+
+    def classifier(self) -> dict:
+        s = self.s
+        return self._train("classifier", self.paths["classifier"], s.classifier_preset, s.classifier_model,
+                           s.classifier_steps, s.classifier_batch, s.classifier_lr)
+
+    def _model_size(self) -> int:
+        from launch.checkpointing import read_run_config
+
+        return int(read_run_config(self.paths["unet"])["preset"]["model"]["image_size"])
+
+    def domain(self) -> dict:
+        from evaluation.domain_classifier import train_domain_classifier
+
+        _, info = train_domain_classifier(str(self.paths["shards"]), self.paths["domain"],
+                                          image_size=self._model_size(), epochs=self.s.domain_epochs,
+                                          seed=self.s.seed, log=lambda line: self.log(f"    {line}"))
+        return {"val_accuracy": info["val_accuracy"], "train_accuracy": info["train_accuracy"]}
+
+    def reference(self) -> dict:
+        """A class-balanced random set of real images (ADM's centre crop at the models' size)."""
+        from evaluation.io import write_reference_batch
+        from evaluation.shard_images import load_shard_arrays
+
+        images, labels = load_shard_arrays(str(self.paths["shards"]), self._model_size())
+        rng = np.random.default_rng(self.s.seed)
+        per_class = max(1, self.s.ref_samples // 10)
+        keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)])
+        keep.sort()
+        write_reference_batch(self.paths["reference"], images[keep], labels[keep])
+        return {"num_images": int(len(keep))}
+
+    def sample(self, scale: float) -> dict:
+        from launch.sampler import SampleOptions, sample
+
+        s = self.s
+        path = sample(SampleOptions(
+            model=str(self.paths["unet"]), classifier=str(self.paths["classifier"]), classifier_scale=float(scale),
+            num_samples=s.num_samples, batch_size=s.sample_batch, steps=s.sample_steps, labels="balanced",
+            seed=s.seed, out=str(self.paths["samples"] / scale_name(scale)), shard_size=s.num_samples,
+            progress=False, grid_size=0))
+        return {"file": str(path.relative_to(self.out))}
+
+    def evaluate(self, scale: float) -> dict:
+        metrics = evaluate_samples(self.out / self.stage_times[f"sample-{scale_name(scale)}"]["file"],
+                                   self.paths["reference"], self.paths["domain"])
+        metrics = {"scale": float(scale), **metrics}
+        atomic_write_json(self.paths["metrics"] / f"{scale_name(scale)}.json", metrics)
+        return metrics
+
+    def report(self) -> dict:
+        sweep = [{k: self.stage_times[f"eval-{scale_name(x)}"][k]
+                  for k in ("scale", "class_accuracy", "fid", "precision", "recall")} for x in self.s.scales]
+        samples = {x: self.out / self.stage_times[f"sample-{scale_name(x)}"]["file"] for x in self.s.scales}
+        write_report(self.paths["report"], sweep, samples, self._summary_info())
+        return {"guidance_sweep": sweep}
+
+    def _summary_info(self) -> dict:
+        info = {"settings": self.s.to_dict(),
+                "domain_classifier_val_accuracy": self.stage_times.get("domain", {}).get("val_accuracy"),
+                "stage_seconds": {k: v["seconds"] for k, v in self.stage_times.items()}}
+        return info
+
+    # -- driver -----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Run every stage not done yet; returns the report's JSON (with "guidance_sweep")."""
+        self._check_settings()
+        t0 = time.perf_counter()
+        self._stage("dataset", "5,000 MNIST digits -> class folders", self.dataset)
+        self._stage("shards", "prepare-imagenet -> WebDataset shards", self.shards)
+        self._stage("unet", f"train the unconditional UNet ({self.s.unet_steps} steps)", self.unet)
+        self._stage("classifier", f"train the noisy classifier ({self.s.classifier_steps} steps)", self.classifier)
+        self._stage("domain", "train the clean-image classifier (class accuracy, FID features)", self.domain)
+        self._stage("reference", "reference batch of real images", self.reference)
+        for x in self.s.scales:
+            self._stage(f"sample-{scale_name(x)}", f"sample {self.s.num_samples} at classifier scale {x:g}",
+                        lambda x=x: self.sample(x))
+        for x in self.s.scales:
+            self._stage(f"eval-{scale_name(x)}", f"evaluate classifier scale {x:g}", lambda x=x: self.evaluate(x))
+        self._stage("report", "report", self.report)
+        report = json.loads((self.paths["report"] / "report.json").read_text())
+        report["wall_seconds_this_run"] = round(time.perf_counter() - t0, 1)
+        return report
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation and report
+# ----------------------------------------------------------------------------------------------
+def evaluate_samples(samples: Path, reference: Path, domain_classifier: Path) -> dict:
+    """Class accuracy, FID, precision and recall of a sample file, with the domain classifier's features."""
+    from evaluation.features import classifier_network
+    from evaluation.io import read_array
+    from evaluation.metrics import frechet_distance, mean_cov, precision_recall
+
+    net = classifier_network(str(domain_classifier))
+    feats = {}
+    for name, path in (("samples", samples), ("reference", reference)):
+        images, labels = read_array(path, "arr_0"), read_array(path, "arr_1")
+        f = net(images)
+        feats[name] = (f.pool.double(), f.logits, labels)
+    sample_pool, sample_logits, sample_labels = feats["samples"]
+    ref_pool = feats["reference"][0]
+    accuracy = float((sample_logits.argmax(1).numpy() == sample_labels).mean())
+    fid = frechet_distance(*mean_cov(ref_pool), *mean_cov(sample_pool))
+    precision, recall = precision_recall(ref_pool.float(), sample_pool.float(), k=3)
+    return {"class_accuracy": accuracy, "fid": float(fid), "precision": precision, "recall": recall,
+            "num_samples": int(len(sample_labels))}
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 10, num_classes: int = 10) -> np.ndarray:
+    """uint8 [H', W', 3]: row c holds the first `per_class` samples drawn for class c (blank if fewer)."""
+    h, w = images.shape[1:3]
+    pad = 2
+    grid = np.full((num_classes * (h + pad) + pad, per_class * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for c in range(num_classes):
+        for j, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
+            y, x = pad + c * (h + pad), pad + j * (w + pad)
+            grid[y:y + h, x:x + w] = images[i]
+    return grid
+
+
+def write_report(folder: Path, sweep: list[dict], samples: dict[float, Path], info: dict) -> None:
+    """report.json, report.md, report.html, grids/ and the sweep plot in `folder`."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from data.fileio import atomic_write_bytes, atomic_write_text
+    from evaluation.io import read_array
+
+    grids = {}
+    for scale, path in samples.items():
+        grid = class_grid(read_array(path, "arr_0"), read_array(path, "arr_1"))
+        big = Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)
+        buf = io.BytesIO()
+        big.save(buf, format="PNG")
+        name = f"grids/{scale_name(scale)}.png"
+        atomic_write_bytes(folder / name, buf.getvalue())
+        grids[scale] = name
+
+    scales = [r["scale"] for r in sweep]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    for ax, key, title in zip(axes, ("class_accuracy", "fid", "precision", "recall"),
+                              ("class accuracy", "FID (domain features)", "precision", "recall")):
+        ax.plot(scales, [r[key] for r in sweep], "o-")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xticks(scales)
+        ax.set_xticklabels([f"{x:g}" for x in scales])
+        ax.set_xlabel("classifier scale")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(folder / "guidance_sweep.png", buf.getvalue())
+
+    atomic_write_json(folder / "report.json", {"guidance_sweep": sweep, **info})
+    rows = "\n".join(f"| {r['scale']:g} | {r['class_accuracy']:.3f} | {r['fid']:.2f} | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} |" for r in sweep)
+    table = ("| classifier scale | class accuracy | FID (domain) | precision | recall |\n"
+             "|---:|---:|---:|---:|---:|\n" + rows)
+    md = ["# adm demo: classifier guidance on MNIST digits", "",
+          "An unconditional ADM UNet sampled with a noisy classifier's gradient at several scales. Class "
+          "accuracy: an independent clean-image classifier agrees with the label each sample was guided "
+          "to (chance = 0.1). FID, precision and recall use that classifier's features against real digits.",
+          "", table, "", "![guidance sweep](guidance_sweep.png)", ""]
+    for scale, name in grids.items():
+        md += [f"## classifier scale {scale:g} (row k: samples guided to digit k)", "", f"![scale {scale:g}]({name})", ""]
+    atomic_write_text(folder / "report.md", "\n".join(md))
+    html_rows = "".join(f"<tr><td>{r['scale']:g}</td><td>{r['class_accuracy']:.3f}</td><td>{r['fid']:.2f}</td>"
+                        f"<td>{r['precision']:.3f}</td><td>{r['recall']:.3f}</td></tr>" for r in sweep)
+    html_grids = "".join(f"<figure><img src='{name}'><figcaption>classifier scale {scale:g}</figcaption></figure>"
+                         for scale, name in grids.items())
+    html = ("<!doctype html><meta charset='utf-8'><title>adm demo</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}figure{display:inline-block;margin:8px}"
+            "</style><h1>adm demo: classifier guidance on MNIST digits</h1>"
+            f"<p>{md[2]}</p><table><tr><th>classifier scale</th><th>class accuracy</th><th>FID (domain)</th>"
+            f"<th>precision</th><th>recall</th></tr>{html_rows}</table>"
+            f"<p><img src='guidance_sweep.png' style='max-width:100%'></p><h2>samples per class (row k: digit k)</h2>"
+            f"{html_grids}")
+    atomic_write_text(folder / "report.html", html)
+
+
+def summary_table(report: dict) -> str:
+    """The sweep as a fixed-width text table."""
+    lines = [f"{'scale':>6} {'class acc':>9} {'FID':>8} {'precision':>9} {'recall':>7}"]
+    for r in report["guidance_sweep"]:
+        lines.append(f"{r['scale']:>6g} {r['class_accuracy']:>9.3f} {r['fid']:>8.2f} {r['precision']:>9.3f} "
+                     f"{r['recall']:>7.3f}")
+    return "\n".join(lines)
+
+
+def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, overrides: list[str] | None = None,
+             threads: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run (or finish) the demo in `out`; returns report.json's content.
+
+    `threads`: torch intra-op threads (default: the CPU cores this process may use).
+    """
+    import sys
+
+    if "torch" not in sys.modules:
+        # Waiting OpenMP threads sleep instead of spinning: on a shared machine (CI, other jobs) a
+        # spinning thread whose partner was descheduled made sampling 20x slower here; on an idle
+        # machine the difference is small. Must be set before torch loads libgomp.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    settings = DemoSettings.quick() if quick else DemoSettings.full()
+    if overrides:
+        settings = settings.replace(overrides)
+    return Demo(out, settings, log).run()
