@@ -33,6 +33,11 @@ COLUMNS = [("inception_score", "IS"), ("fid", "FID"), ("sfid", "sFID"), ("precis
            ("recall", "Recall"), ("class_accuracy", "Class acc.")]
 SCALE_KEYS = ("classifier_scale", "cfg_scale")
 SWEEP_FIELDS = ("scale", "class_accuracy", "fid", "precision", "recall")
+# Sample options that differ between runs of one sweep without making them different experiments:
+# where the files went, and what `adm sample` records about each run (its options hash and
+# hashed content include the scale; timings and machine details differ run to run).
+RUN_SPECIFIC_OPTIONS = ("out", "out_dir", "output", "seed_offset", "options_hash", "content",
+                        "seconds_last_run", "world_size", "device", "torch", "progress")
 
 
 def find_metrics(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -86,7 +91,7 @@ def find_sweeps(runs: list[dict]) -> list[dict]:
         if key not in run["options"] or run["options"][key] is None:
             continue
         rest = {k: v for k, v in run["options"].items()
-                if k not in (key, "out", "out_dir", "output", "seed_offset") and not k.startswith("_")}
+                if k != key and k not in RUN_SPECIFIC_OPTIONS and not k.startswith("_")}
         signature = json.dumps([run.get("features"), run.get("reference"), rest], sort_keys=True, default=str)
         groups.setdefault(signature, []).append(run)
     sweeps = []
