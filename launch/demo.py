@@ -6,12 +6,14 @@ It runs the real stages, in order, each through the same library call its `adm` 
   shards       data.prepare.prepare_imagenet (`adm prepare-imagenet --allow-custom-classes`)
   unet         launch.train.train (`adm train --preset demo-unet`): an UNCONDITIONAL ADM UNet
   classifier   launch.train_classifier.train_classifier (`adm train-classifier --preset demo-classifier`)
-  domain       evaluation.domain_classifier: an independent classifier of clean images; it gives
-               the class accuracy of samples and the features for FID / precision / recall
-  reference    evaluation.io.write_reference_batch: real images to compare against
+  domain       evaluation.domain_classifier.train_domain_classifier: an independent classifier of
+               clean images; it gives the class accuracy of samples and the features for FID,
+               precision and recall ("FID with domain features")
+  reference    evaluation.reference.make_reference (`adm make-reference`): real images to compare with
   sample-sX    launch.sampler.sample (`adm sample --classifier-scale X`) for every scale X
-  eval-sX      FID, precision, recall and class accuracy of each sample file
-  report       report.html / report.md / report.json, per-class grids per scale, plots
+  eval-sX      evaluation.evaluate.evaluate (`adm evaluate --features classifier:...`)
+  report       evaluation.report.build_report (`adm report`): report.html / .md / .json, plots of
+               the metrics against the scale, per-class sample grids per scale
 
 and shows the paper's point: classifier guidance trades diversity (recall) for class fidelity
 (accuracy, precision). Every stage leaves a marker in OUT/stages/ when it is done, so a rerun skips
@@ -214,17 +216,14 @@ class Demo:
         return {"val_accuracy": info["val_accuracy"], "train_accuracy": info["train_accuracy"]}
 
     def reference(self) -> dict:
-        """A class-balanced random set of real images (ADM's centre crop at the models' size)."""
-        from evaluation.io import write_reference_batch
-        from evaluation.shard_images import load_shard_arrays
+        """Real images to compare with (`adm make-reference --no-stats`: the domain features are
+        computed at evaluation time; there are no Inception weights here)."""
+        from evaluation.reference import make_reference
 
-        images, labels = load_shard_arrays(str(self.paths["shards"]), self._model_size())
-        rng = np.random.default_rng(self.s.seed)
-        per_class = max(1, self.s.ref_samples // 10)
-        keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)])
-        keep.sort()
-        write_reference_batch(self.paths["reference"], images[keep], labels[keep])
-        return {"num_images": int(len(keep))}
+        summary = make_reference(str(self.paths["shards"]), self.paths["reference"], self._model_size(),
+                                 num_images=self.s.ref_samples, stats=False, seed=self.s.seed,
+                                 log=lambda line: self.log(f"    {line}"))
+        return {"num_images": summary["num_images"]}
 
     def sample(self, scale: float) -> dict:
         from launch.sampler import SampleOptions, sample
@@ -238,24 +237,25 @@ class Demo:
         return {"file": str(path.relative_to(self.out))}
 
     def evaluate(self, scale: float) -> dict:
-        metrics = evaluate_samples(self.out / self.stage_times[f"sample-{scale_name(scale)}"]["file"],
-                                   self.paths["reference"], self.paths["domain"])
-        metrics = {"scale": float(scale), **metrics}
-        atomic_write_json(self.paths["metrics"] / f"{scale_name(scale)}.json", metrics)
-        return metrics
+        """`adm evaluate REF SAMPLES --features classifier:DOMAIN --out metrics/classifier_scale_X`."""
+        from evaluation.evaluate import evaluate
+
+        record = evaluate(self.paths["reference"], self.out / self.stage_times[f"sample-{scale_name(scale)}"]["file"],
+                          f"classifier:{self.paths['domain']}", out_dir=self._metrics_dir(scale),
+                          print_fn=None, progress=False)
+        m = record["metrics"]
+        return {"scale": float(scale), **{k: m[k] for k in ("class_accuracy", "fid", "precision", "recall")}}
+
+    def _metrics_dir(self, scale: float) -> Path:
+        return self.paths["metrics"] / f"classifier_scale_{scale:g}"
 
     def report(self) -> dict:
-        sweep = [{k: self.stage_times[f"eval-{scale_name(x)}"][k]
-                  for k in ("scale", "class_accuracy", "fid", "precision", "recall")} for x in self.s.scales]
-        samples = {x: self.out / self.stage_times[f"sample-{scale_name(x)}"]["file"] for x in self.s.scales}
-        write_report(self.paths["report"], sweep, samples, self._summary_info())
-        return {"guidance_sweep": sweep}
+        """`adm report metrics/...`: tables, plots against the scale, per-class grids per scale."""
+        from evaluation.report import build_report
 
-    def _summary_info(self) -> dict:
-        info = {"settings": self.s.to_dict(),
-                "domain_classifier_val_accuracy": self.stage_times.get("domain", {}).get("val_accuracy"),
-                "stage_seconds": {k: v["seconds"] for k, v in self.stage_times.items()}}
-        return info
+        report = build_report([self._metrics_dir(x) / "metrics.json" for x in self.s.scales], self.paths["report"],
+                              title="adm demo: classifier guidance on MNIST digits")
+        return {"guidance_sweep": report["guidance_sweep"]}
 
     # -- driver -----------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -275,114 +275,14 @@ class Demo:
             self._stage(f"eval-{scale_name(x)}", f"evaluate classifier scale {x:g}", lambda x=x: self.evaluate(x))
         self._stage("report", "report", self.report)
         report = json.loads((self.paths["report"] / "report.json").read_text())
+        report["stage_seconds"] = {k: v["seconds"] for k, v in self.stage_times.items()}
         report["wall_seconds_this_run"] = round(time.perf_counter() - t0, 1)
         return report
 
 
 # ----------------------------------------------------------------------------------------------
-# evaluation and report
+# entry point
 # ----------------------------------------------------------------------------------------------
-def evaluate_samples(samples: Path, reference: Path, domain_classifier: Path) -> dict:
-    """Class accuracy, FID, precision and recall of a sample file, with the domain classifier's features."""
-    from evaluation.features import classifier_network
-    from evaluation.io import read_array
-    from evaluation.metrics import frechet_distance, mean_cov, precision_recall
-
-    net = classifier_network(str(domain_classifier))
-    feats = {}
-    for name, path in (("samples", samples), ("reference", reference)):
-        images, labels = read_array(path, "arr_0"), read_array(path, "arr_1")
-        f = net(images)
-        feats[name] = (f.pool.double(), f.logits, labels)
-    sample_pool, sample_logits, sample_labels = feats["samples"]
-    ref_pool = feats["reference"][0]
-    accuracy = float((sample_logits.argmax(1).numpy() == sample_labels).mean())
-    fid = frechet_distance(*mean_cov(ref_pool), *mean_cov(sample_pool))
-    precision, recall = precision_recall(ref_pool.float(), sample_pool.float(), k=3)
-    return {"class_accuracy": accuracy, "fid": float(fid), "precision": precision, "recall": recall,
-            "num_samples": int(len(sample_labels))}
-
-
-def class_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 10, num_classes: int = 10) -> np.ndarray:
-    """uint8 [H', W', 3]: row c holds the first `per_class` samples drawn for class c (blank if fewer)."""
-    h, w = images.shape[1:3]
-    pad = 2
-    grid = np.full((num_classes * (h + pad) + pad, per_class * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for c in range(num_classes):
-        for j, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
-            y, x = pad + c * (h + pad), pad + j * (w + pad)
-            grid[y:y + h, x:x + w] = images[i]
-    return grid
-
-
-def write_report(folder: Path, sweep: list[dict], samples: dict[float, Path], info: dict) -> None:
-    """report.json, report.md, report.html, grids/ and the sweep plot in `folder`."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    from data.fileio import atomic_write_bytes, atomic_write_text
-    from evaluation.io import read_array
-
-    grids = {}
-    for scale, path in samples.items():
-        grid = class_grid(read_array(path, "arr_0"), read_array(path, "arr_1"))
-        big = Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)
-        buf = io.BytesIO()
-        big.save(buf, format="PNG")
-        name = f"grids/{scale_name(scale)}.png"
-        atomic_write_bytes(folder / name, buf.getvalue())
-        grids[scale] = name
-
-    scales = [r["scale"] for r in sweep]
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
-    for ax, key, title in zip(axes, ("class_accuracy", "fid", "precision", "recall"),
-                              ("class accuracy", "FID (domain features)", "precision", "recall")):
-        ax.plot(scales, [r[key] for r in sweep], "o-")
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xticks(scales)
-        ax.set_xticklabels([f"{x:g}" for x in scales])
-        ax.set_xlabel("classifier scale")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(folder / "guidance_sweep.png", buf.getvalue())
-
-    atomic_write_json(folder / "report.json", {"guidance_sweep": sweep, **info})
-    rows = "\n".join(f"| {r['scale']:g} | {r['class_accuracy']:.3f} | {r['fid']:.2f} | {r['precision']:.3f} | "
-                     f"{r['recall']:.3f} |" for r in sweep)
-    table = ("| classifier scale | class accuracy | FID (domain) | precision | recall |\n"
-             "|---:|---:|---:|---:|---:|\n" + rows)
-    md = ["# adm demo: classifier guidance on MNIST digits", "",
-          "An unconditional ADM UNet sampled with a noisy classifier's gradient at several scales. Class "
-          "accuracy: an independent clean-image classifier agrees with the label each sample was guided "
-          "to (chance = 0.1). FID, precision and recall use that classifier's features against real digits.",
-          "", table, "", "![guidance sweep](guidance_sweep.png)", ""]
-    for scale, name in grids.items():
-        md += [f"## classifier scale {scale:g} (row k: samples guided to digit k)", "", f"![scale {scale:g}]({name})", ""]
-    atomic_write_text(folder / "report.md", "\n".join(md))
-    html_rows = "".join(f"<tr><td>{r['scale']:g}</td><td>{r['class_accuracy']:.3f}</td><td>{r['fid']:.2f}</td>"
-                        f"<td>{r['precision']:.3f}</td><td>{r['recall']:.3f}</td></tr>" for r in sweep)
-    html_grids = "".join(f"<figure><img src='{name}'><figcaption>classifier scale {scale:g}</figcaption></figure>"
-                         for scale, name in grids.items())
-    html = ("<!doctype html><meta charset='utf-8'><title>adm demo</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}figure{display:inline-block;margin:8px}"
-            "</style><h1>adm demo: classifier guidance on MNIST digits</h1>"
-            f"<p>{md[2]}</p><table><tr><th>classifier scale</th><th>class accuracy</th><th>FID (domain)</th>"
-            f"<th>precision</th><th>recall</th></tr>{html_rows}</table>"
-            f"<p><img src='guidance_sweep.png' style='max-width:100%'></p><h2>samples per class (row k: digit k)</h2>"
-            f"{html_grids}")
-    atomic_write_text(folder / "report.html", html)
-
-
 def summary_table(report: dict) -> str:
     """The sweep as a fixed-width text table."""
     lines = [f"{'scale':>6} {'class acc':>9} {'FID':>8} {'precision':>9} {'recall':>7}"]
