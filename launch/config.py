@@ -185,9 +185,16 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
+# Names users bring from other trainers (guided-diffusion's flags among them).
+_ALIASES = {"learning_rate": "lr", "microbatch": "grad_accum", "max_steps": "total_steps", "steps": "total_steps",
+            "iterations": "total_steps", "ema_rate": "ema_rates", "use_fp16": "precision", "fp16": "precision",
+            "warmup": "warmup_steps", "save_interval": "save_every", "log_interval": "log_every",
+            "data_dir": "data", "resume_checkpoint": "init_from", "schedule_sampler": "timestep_sampler"}
+
+
 def _unknown(cls: type, key: str) -> ValueError:
     names = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(key, names, n=3)
+    close = ([_ALIASES[key]] if key in _ALIASES else []) + difflib.get_close_matches(key, names, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else f" Known keys: {', '.join(names)}."
     return ValueError(f"unknown config key {key!r} for {cls.__name__}.{hint}")
 

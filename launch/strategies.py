@@ -18,6 +18,7 @@ import copy
 import datetime
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -244,6 +245,9 @@ class DeepSpeedStrategy:
         # The shm_comm op JIT-compiles for minutes on first use and gloo does the same job on CPUs.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         ensure_process_group(info)
+        # DeepSpeed reads the launcher's variables even when the process group already exists.
+        for key, value in (("RANK", info.rank), ("LOCAL_RANK", info.local_rank), ("WORLD_SIZE", info.world_size)):
+            os.environ.setdefault(key, str(value))
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         self.info = info
         self.config = deepspeed_config(cfg, micro_batch, dist.get_world_size(), info.device.type)

@@ -106,7 +106,10 @@ class DiffusionObjective:
         if self.trainer.info.rank != 0:
             return
         if self._sample_model is None:
-            self._sample_model = self.preset.build().to(self.device).eval()
+            # Built without initialisation: drawing random weights would move the training RNG.
+            with torch.device("meta"):
+                model = self.preset.build()
+            self._sample_model = model.to_empty(device=self.device).eval()
         self._sample_model.load_state_dict(weights)
         count = self.cfg.sample_count
         ddim = dataclasses.replace(self.preset.diffusion, timestep_respacing=f"ddim{self.cfg.sample_steps}").build()

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from data.fileio import atomic_write_json
+from data.shards import ShardReadError
 from launch import config as config_mod
 from launch import distributed
 from launch.checkpointing import CheckpointManager, PreemptionWatcher, latest_checkpoint, rng_state, set_rng_state
@@ -80,6 +81,16 @@ def prepare_run_dir(run_dir: Path, resolved: dict, rank: int) -> bool:
     return existed
 
 
+def check_data(shards) -> None:
+    """Fail before building anything when the training shards are missing or empty."""
+    from data.shards import resolve_shards
+
+    found = resolve_shards(shards)  # FileNotFoundError / ValueError naming the problem
+    if found.counts and sum(found.counts.values()) == 0:
+        raise ValueError(f"training data {shards} holds no samples (its manifest counts 0 in every shard); "
+                         "re-create the shards with `adm prepare-imagenet`")
+
+
 class Trainer:
     """One training run (construct on every rank; `fit()` trains to `cfg.total_steps`)."""
 
@@ -94,6 +105,7 @@ class Trainer:
                              f"{world} x {cfg.grad_accum}; change batch_size or grad_accum")
         self.micro_batch = cfg.batch_size // (world * cfg.grad_accum)
         check_supported(cfg.precision, self.device, cfg.allow_slow_precision)
+        check_data(cfg.data)
         self._set_determinism()
         prepare_run_dir(self.run_dir, self.resolved, info.rank)
         self.ckpt = CheckpointManager(self.run_dir, info.rank, world, cfg.keep_last)
@@ -210,7 +222,10 @@ class Trainer:
         return out.float()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = next(self.batches)
+        try:
+            batch = next(self.batches)
+        except ShardReadError as err:
+            raise ValueError(f"training data {self.cfg.data}: {err}") from None
         images = batch["images"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         return images, labels
@@ -275,9 +290,12 @@ class Trainer:
     def _start_throughput(self) -> None:
         flops, peak, source = 0.0, 0.0, ""
         if self.info.rank == 0:
+            # Measuring draws random tensors: keep the training RNG where a resumed run expects it.
+            devices = [self.device] if self.device.type == "cuda" else []
             try:
-                flops = float(flops_per_image(self.preset, self.device))
-                peak, source = peak_flops(self.device, self.cfg.precision)
+                with torch.random.fork_rng(devices=devices):
+                    flops = float(flops_per_image(self.preset, self.device))
+                    peak, source = peak_flops(self.device, self.cfg.precision)
             except Exception as err:  # MFU is a diagnostic: never fail a run over it
                 self.logger.line(f"MFU unavailable: {err}")
             if flops:

@@ -89,7 +89,7 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
             if key in name and table.get(precision):
                 return table[precision], f"{key} datasheet {precision} dense"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    n = 2048 if device.type == "cuda" or dtype == torch.float32 else 1024
+    n = 4096 if device.type == "cuda" else 1024
     return measured_matmul_peak(device, dtype, n), f"measured {precision} matmul on {device.type}"
 
 
