@@ -1,0 +1,171 @@
+"""`adm demo`: the dataset adapter and the driver's bookkeeping (fast), and the quick demo end to end
+with the guidance acceptance of issue 8 (slow: a few minutes on two CPU cores)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import demo_dataset
+from launch import demo
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset adapter
+# ---------------------------------------------------------------------------------------------
+def test_to_rgb32_pads_without_resampling():
+    digit = np.arange(28 * 28, dtype=np.uint32).reshape(28, 28).astype(np.uint8)
+    out = demo_dataset.to_rgb32(digit)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert (out[2:30, 2:30, 0] == digit).all()
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    assert out[:2].sum() == out[30:].sum() == out[:, :2].sum() == out[:, 30:].sum() == 0
+    with pytest.raises(ValueError, match="at least 28"):
+        demo_dataset.to_rgb32(digit, 16)
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits") / "digits"
+    summary = demo_dataset.write_digit_folders(root, per_class=3)
+    return root, summary
+
+
+def test_digit_folder_layout(digit_folder):
+    root, summary = digit_folder
+    assert summary["num_images"] == 30 and summary["classes"] == [str(d) for d in range(10)]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [str(d) for d in range(10)]
+    images, labels = demo_dataset.load_mnist_digits()
+    for d in range(10):
+        files = sorted((root / str(d)).iterdir())
+        assert len(files) == 3
+        index = int(files[0].stem.split("_")[1])
+        assert labels[index] == d
+        img = Image.open(files[0])
+        assert img.mode == "RGB" and img.size == (32, 32)
+        assert (np.asarray(img) == demo_dataset.to_rgb32(images[index])).all()
+    assert not list(root.parent.glob(".tmp-*"))
+
+
+def test_digit_folder_is_reused_and_refuses_other_options(digit_folder):
+    root, summary = digit_folder
+    stamp = (root / "0").stat().st_mtime_ns
+    assert demo_dataset.write_digit_folders(root, per_class=3) == summary
+    assert (root / "0").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="other options"):
+        demo_dataset.write_digit_folders(root, per_class=4)
+
+
+def test_digit_folder_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "file.txt").write_text("not digits")
+    with pytest.raises(ValueError, match="not a complete digit folder"):
+        demo_dataset.write_digit_folders(tmp_path / "x", per_class=1)
+
+
+def test_prepare_reads_the_digit_folder(digit_folder, tmp_path):
+    from data.prepare import prepare_imagenet
+
+    root, _ = digit_folder
+    manifest = prepare_imagenet(root, tmp_path / "shards", allow_custom_classes=True, workers=1)
+    assert manifest["num_samples"] == 30
+    assert manifest["class_list"] == [str(d) for d in range(10)]  # label k is digit k
+    assert manifest["skipped"] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# driver bookkeeping
+# ---------------------------------------------------------------------------------------------
+def test_settings_overrides():
+    s = demo.DemoSettings.quick().replace(["num_samples=40", "scales=[0, 3]", "unet_model={image_size: 16}"])
+    assert s.num_samples == 40 and s.scales == (0.0, 3.0) and s.unet_model == (("image_size", 16),)
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        s.replace(["no_such_key=1"])
+    with pytest.raises(ValueError, match="mapping"):
+        s.replace(["unet_model=16"])
+
+
+def test_quick_is_smaller_than_full():
+    q, f = demo.DemoSettings.quick(), demo.DemoSettings.full()
+    assert q.scales == f.scales == (0.0, 1.0, 2.0, 4.0, 8.0)
+    assert q.unet_steps * q.unet_batch <= f.unet_steps * f.unet_batch
+    assert q.num_samples <= f.num_samples
+
+
+def test_refuses_a_folder_of_other_settings(tmp_path):
+    d = demo.Demo(tmp_path, demo.DemoSettings.quick(), log=lambda _: None)
+    d._check_settings()
+    other = demo.Demo(tmp_path, demo.DemoSettings.full().replace(["num_samples=7"]), log=lambda _: None)
+    with pytest.raises(ValueError, match="num_samples"):
+        other._check_settings()
+
+
+def test_finished_stages_are_skipped(tmp_path):
+    lines = []
+    d = demo.Demo(tmp_path, demo.DemoSettings.quick(), log=lines.append)
+    calls = []
+    info = d._stage("x", "a stage", lambda: calls.append(1) or {"value": 3})
+    assert info["value"] == 3 and not info["skipped"] and calls == [1]
+    again = demo.Demo(tmp_path, demo.DemoSettings.quick(), log=lines.append)._stage("x", "a stage", lambda: calls.append(2))
+    assert again["value"] == 3 and again["skipped"] and calls == [1]
+
+
+def test_summary_table():
+    report = {"guidance_sweep": [{"scale": 0.0, "class_accuracy": 0.1, "fid": 30.0, "precision": 0.2, "recall": 0.6},
+                                 {"scale": 8.0, "class_accuracy": 0.9, "fid": 10.0, "precision": 0.7, "recall": 0.2}]}
+    text = demo.summary_table(report)
+    assert "class acc" in text and "0.900" in text and len(text.splitlines()) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# the quick demo, end to end (what CI runs)
+# ---------------------------------------------------------------------------------------------
+def check_guidance(sweep: list[dict]) -> None:
+    """Issue 8's acceptance on a guidance sweep (see docs/demo.md for the tolerances)."""
+    sweep = sorted(sweep, key=lambda r: r["scale"])
+    scales = [r["scale"] for r in sweep]
+    assert scales == [0.0, 1.0, 2.0, 4.0, 8.0]
+    acc = [r["class_accuracy"] for r in sweep]
+    # Unguided samples carry labels drawn independently of the image: chance is 0.1.
+    assert acc[0] < 0.25, f"class accuracy at scale 0 should be about chance (0.1): {acc}"
+    assert acc[-1] > 0.7, f"class accuracy at the largest scale should be far above chance: {acc}"
+    # Rises with the scale (a little slack for sampling noise between neighbouring scales).
+    assert all(b >= a - 0.03 for a, b in zip(acc, acc[1:])), f"class accuracy should rise with the scale: {acc}"
+    first, last = sweep[0], sweep[-1]
+    assert last["precision"] > first["precision"], f"precision should rise with the scale: {sweep}"
+    assert last["recall"] < first["recall"], f"recall should fall with the scale: {sweep}"
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "launch.cli", "demo", "--quick", "--out", str(out)]
+    t0 = time.perf_counter()
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    seconds = time.perf_counter() - t0
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    print(f"adm demo --quick took {seconds:.0f} s\n{run.stdout[-1500:]}")
+    assert "report:" in run.stdout and "class acc" in run.stdout
+
+    report = json.loads((out / "report" / "report.json").read_text())
+    check_guidance(report["guidance_sweep"])
+    for name in ("report.html", "report.md"):
+        assert (out / "report" / name).stat().st_size > 0
+    assert len(list((out / "report").glob("grid_*.png"))) == 5
+    assert list((out / "report").glob("sweep_*.png"))
+
+    # A rerun skips every finished stage and gives the same report.
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped") == 17 and "done in" not in again.stdout, again.stdout
+    assert json.loads((out / "report" / "report.json").read_text())["guidance_sweep"] == report["guidance_sweep"]
