@@ -19,6 +19,7 @@ import datetime
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,6 +72,14 @@ def shard_units(module: nn.Module) -> list[nn.Module]:
     if not units:  # another architecture: shard each direct child that holds parameters
         units = [m for m in module.children() if any(True for _ in m.parameters())]
     return units
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save/load; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
 
 
 class TorchStrategy:
@@ -153,7 +162,8 @@ class TorchStrategy:
 
     def save(self, folder: Path, ema: EMA) -> None:
         """Write model, optimizer and EMA with torch.distributed.checkpoint (every rank calls)."""
-        dcp.save(self._state(ema), checkpoint_id=str(folder / "state"), no_dist=not dist.is_initialized())
+        with _single_process_quiet():
+            dcp.save(self._state(ema), checkpoint_id=str(folder / "state"), no_dist=not dist.is_initialized())
 
     def load(self, folder: Path, ema: EMA, meta: dict) -> None:
         """Read a checkpoint written by DDP or FSDP at any world size (DCP reshards)."""
@@ -163,7 +173,8 @@ class TorchStrategy:
             raise ValueError(f"{folder} was written by strategy=deepspeed; resume it with --set strategy=deepspeed "
                              f"(DeepSpeed checkpoints cannot be read by {self.kind})")
         state = self._state(ema)
-        dcp.load(state, checkpoint_id=str(folder / "state"), no_dist=not dist.is_initialized())
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(folder / "state"), no_dist=not dist.is_initialized())
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     @torch.no_grad()
