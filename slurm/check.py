@@ -96,8 +96,11 @@ class CountingJob(GuardedJob):
                               {"step": step, "digest": digest})
 
     def work(self) -> dict:
-        from launch import distributed
-
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            from launch import distributed
+        else:
+            # One task needs no process group, and skipping torch's import keeps restarts quick.
+            distributed = _SingleProcess()
         info = distributed.setup()
         try:
             step, digest = self._latest() or (0, chain_digest(0))
@@ -118,6 +121,22 @@ class CountingJob(GuardedJob):
         finally:
             distributed.cleanup()
         return {"rank": info.rank, "step": step, "digest": digest}
+
+
+class _SingleProcess:
+    """launch.distributed's interface for one process, without importing torch."""
+
+    class _Info:
+        rank, world_size, is_main = 0, 1, True
+
+    def setup(self):
+        return self._Info()
+
+    def barrier(self) -> None:
+        pass
+
+    def cleanup(self) -> None:
+        pass
 
 
 def requeue_check(profile, resources, out_dir: Path, steps: int = 40, step_s: float = 0.25, save_every: int = 5,

@@ -148,6 +148,14 @@ node_state() {
   sinfo -h -n "$HOST" -o %T 2>/dev/null | head -n1 | tr -d '*~#' || true
 }
 
+ensure_host_resolves() {
+  # The daemons, srun and torch.distributed's rendezvous all look this host's name up.
+  if ! getent hosts "$HOST" >/dev/null 2>&1; then
+    say "adding '127.0.0.1 $HOST' to /etc/hosts (the host name did not resolve)"
+    echo "127.0.0.1 $HOST" >>/etc/hosts
+  fi
+}
+
 controller_up() {
   scontrol ping 2>/dev/null | grep -q "is UP"
 }
@@ -165,6 +173,7 @@ cmd_start() {
     printf '%s\n' "$new" >"$CONF.tmp" && mv "$CONF.tmp" "$CONF"
     restart=1
   fi
+  ensure_host_resolves
   start_munge
   if [ $restart -eq 1 ] && { pid_alive "$STATE/slurmctld.pid" || pid_alive "$STATE/slurmd.pid"; }; then
     say "configuration changed: restarting the daemons"

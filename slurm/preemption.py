@@ -56,13 +56,12 @@ def requested_everywhere() -> bool:
     Without an initialised process group this is `requested()`.
     """
     local = requested()
-    try:
-        import torch
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover - torch is a dependency
+    dist = sys.modules.get("torch.distributed")
+    # No process group can exist before torch.distributed was imported (and importing it is slow).
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
         return local
-    if not (dist.is_available() and dist.is_initialized()):
-        return local
+    import torch
+
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -46,6 +46,10 @@ class GuardedJob(submitit.helpers.Checkpointable):
             if callable(submitit_handler):
                 submitit_handler(_submitit_signal(), None)
 
+        return self.run_guarded(requeue)
+
+    def run_guarded(self, requeue):
+        """Run `work()` with slurm.preemption's handlers; `requeue()` requeues the job (see Guard)."""
         guard = preemption.Guard(requeue, self.grace_s).install()
         try:
             return self.work()
@@ -71,14 +75,16 @@ class StageJob(GuardedJob):
     def work(self) -> int:
         """Parse the stage's options and run it; a non-zero exit status fails the job."""
         args, module = parse_stage_args(self.command, self.argv)
-        rank, world = os.environ.get("SLURM_PROCID", "0"), os.environ.get("SLURM_NTASKS", "1")
-        print(f"[adm submit] rank {rank}/{world} on {socket.gethostname()}: adm {self.command} "
+        # torchrun's numbering when under it (templates), else srun's (one task per GPU).
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+        world = os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+        print(f"[adm] rank {rank}/{world} on {socket.gethostname()}: adm {self.command} "
               f"{shlex.join(self.argv)}", flush=True)
         code = module.run(args)
         if code and preemption.reason() is not None:
             # The stage caught its own Preempted after checkpointing and returned a status.
             raise preemption.Preempted(f"adm {self.command} stopped with status {code} after a signal")
         if code:
-            print(f"[adm submit] adm {self.command} ended with exit status {code}", file=sys.stderr, flush=True)
+            print(f"[adm] adm {self.command} ended with exit status {code}", file=sys.stderr, flush=True)
             raise RuntimeError(f"adm {self.command} ended with exit status {code}")
         return 0

@@ -40,7 +40,7 @@ class SubmittedJob:
 
 def rendezvous_setup(python: str = sys.executable) -> list[str]:
     """Shell lines, run once on the first node, that export MASTER_ADDR and a free MASTER_PORT."""
-    pick_port = ("import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])")
+    pick_port = 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
     return [
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         f'export MASTER_PORT="$({shlex.quote(python)} -c {shlex.quote(pick_port)})"',

@@ -47,3 +47,64 @@ def run_adm(*args: str, cwd: Path | str = REPO, env: dict | None = None, timeout
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# A tiny 2-process training run: the reference that requeued runs must reproduce exactly.
+TRAIN_ARGS = ("--preset", "tiny-unet", "--set", "total_steps=8", "save_every=2", "log_every=1", "batch_size=4",
+              "num_workers=0", "keep_last=10")
+
+
+@pytest.fixture(scope="session")
+def train_args() -> tuple[str, ...]:
+    """Options of the tiny training run (8 steps, a checkpoint every 2) used by the requeue tests."""
+    return TRAIN_ARGS
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """Real shards of a miniature ImageNet (MNIST digits, 4 classes of 8 images, labels 0..3)."""
+    from data.miniature import make_miniature_imagenet
+    from data.prepare import prepare_imagenet
+
+    root = tmp_path_factory.mktemp("slurm-data")
+    src = make_miniature_imagenet(root / "src", 4, 8, bad_files=False)
+    prepare_imagenet(src, root / "shards", samples_per_shard=8, allow_custom_classes=True)
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(cluster, shards, tmp_path_factory) -> dict:
+    """`adm submit train ... --tasks-per-node 2 --wait` on the local cluster: run dir, job id, output."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    out = run_adm("submit", "train", "--run-dir", str(root / "run"), "--data", str(shards), *TRAIN_ARGS,
+                  "--cluster", cluster, "--tasks-per-node", "2", "--log-dir", str(root / "logs"), "--wait", cwd=root)
+    return {"run_dir": root / "run", "log_dir": root / "logs", "result": out}
+
+
+def final_weights(run_dir: Path, step: int = 8) -> dict:
+    """Model and EMA weights of a run's checkpoint at `step`, read in this process."""
+    import torch
+
+    from diffusion_core.presets import Preset
+    from launch.checkpointing import checkpoint_weights, read_run_config, step_dir
+
+    preset = Preset.from_dict(read_run_config(run_dir)["preset"])
+    with torch.device("meta"):
+        module = preset.build()
+    folder = step_dir(run_dir, step)
+    return {"model": checkpoint_weights(folder, module, use_ema=False)[0],
+            "ema": checkpoint_weights(folder, module, use_ema=True)[0]}
+
+
+@pytest.fixture(scope="session")
+def same_weights():
+    """`same_weights(run_a, run_b)` asserts both runs ended with bit-identical model and EMA weights."""
+    import torch
+
+    def check(run_a: Path, run_b: Path) -> None:
+        wa, wb = final_weights(run_a), final_weights(run_b)
+        for kind in ("model", "ema"):
+            assert wa[kind].keys() == wb[kind].keys()
+            for name in wa[kind]:
+                assert torch.equal(wa[kind][name], wb[kind][name]), f"{kind} weight {name} differs"
+    return check

@@ -9,44 +9,26 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from slurm import jobs
 
 pytestmark = pytest.mark.slurm
 
-TRAIN = ["--preset", "tiny-unet", "--set", "total_steps=10", "save_every=2", "log_every=1", "batch_size=4",
-         "num_workers=0", "keep_last=10"]
 
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """Real shards of a miniature ImageNet (MNIST digits, 4 classes)."""
-    from data.miniature import make_miniature_imagenet
-    from data.prepare import prepare_imagenet
-
-    root = tmp_path_factory.mktemp("slurm-data")
-    src = make_miniature_imagenet(root / "src", 4, 8, bad_files=False)
-    prepare_imagenet(src, root / "shards", samples_per_shard=8, allow_custom_classes=True)
-    return root / "shards"
-
-
-def _job_id(output: str) -> str:
+def job_id_of(output: str) -> str:
     match = re.search(r"submitted job (\d+)", output)
     assert match, output
     return match.group(1)
 
 
-def _weights(run_dir: Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
-    from diffusion_core.presets import Preset
-    from launch.checkpointing import checkpoint_weights, read_run_config, step_dir
-
-    preset = Preset.from_dict(read_run_config(run_dir)["preset"])
-    with torch.device("meta"):
-        module = preset.build()
-    folder = step_dir(run_dir, step)
-    return {"model": checkpoint_weights(folder, module, use_ema=False)[0],
-            "ema": checkpoint_weights(folder, module, use_ema=True)[0]}
+def wait_for_dir(folder: Path, job_id: str, timeout_s: float = 120) -> None:
+    """Poll until `folder` exists while the job is still running (fail fast if it ended)."""
+    deadline = time.monotonic() + timeout_s
+    while not folder.is_dir():
+        state = jobs.states([job_id])[job_id]
+        assert not jobs.is_finished(state), f"job {job_id} ended {state} before {folder} appeared"
+        assert time.monotonic() < deadline, f"{folder} did not appear in {timeout_s}s"
+        time.sleep(0.1)
 
 
 def test_two_task_job_all_reduces_through_launch_distributed(cluster, tmp_path):
@@ -55,45 +37,47 @@ def test_two_task_job_all_reduces_through_launch_distributed(cluster, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "rank 0/2" in out.stdout and "rank 1/2" in out.stdout and "gloo" in out.stdout
     assert "all_reduce 3 (expected 3)" in out.stdout
-    job_id = _job_id(out.stdout)
-    assert jobs.show_job(job_id)["JobState"] == "COMPLETED"
+    assert jobs.show_job(job_id_of(out.stdout))["JobState"] == "COMPLETED"
 
 
-def test_submitted_training_completes_and_a_signalled_one_resumes_to_the_same_weights(cluster, shards, tmp_path, adm):
-    # Uninterrupted: 2 tasks (gloo, CPU) through `adm submit ... --wait`.
-    a = adm("submit", "train", "--run-dir", str(tmp_path / "A"), "--data", str(shards), *TRAIN,
-            "--cluster", cluster, "--tasks-per-node", "2", "--log-dir", str(tmp_path / "logs-A"), "--wait", cwd=tmp_path)
-    assert a.returncode == 0, a.stdout + a.stderr
-    job_a = _job_id(a.stdout)
-    log_a = (tmp_path / "logs-A" / f"{job_a}_0_log.out").read_text()
-    assert "world size 2" in log_a
+def test_adm_submit_runs_a_two_task_training_job_to_completion(uninterrupted_run):
+    result = uninterrupted_run["result"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = job_id_of(result.stdout)
+    details = jobs.show_job(job_id)
+    assert details["JobState"] == "COMPLETED" and details["Restarts"] == "0" and details["NumTasks"] == "2"
+    log = (uninterrupted_run["log_dir"] / f"{job_id}_0_log.out").read_text()
+    assert "world size 2" in log and "rendezvous at" in log
+    assert (uninterrupted_run["run_dir"] / "checkpoints" / "step_000000008").is_dir()
 
-    # The same run, signalled (as before a time limit / on preemption) after its first checkpoint.
-    b = adm("submit", "train", "--run-dir", str(tmp_path / "B"), "--data", str(shards), *TRAIN,
-            "--cluster", cluster, "--tasks-per-node", "2", "--log-dir", str(tmp_path / "logs-B"), cwd=tmp_path)
-    assert b.returncode == 0, b.stdout + b.stderr
-    job_b = _job_id(b.stdout)
-    first = tmp_path / "B" / "checkpoints" / "step_000000002"
-    deadline = time.monotonic() + 120
-    while not first.is_dir():
-        assert not jobs.is_finished(jobs.states([job_b])[job_b]) and time.monotonic() < deadline
-        time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=USR1", job_b], check=True)
-    final = jobs.wait([job_b], poll_s=1.0, timeout_s=180)
-    log_b = (tmp_path / "logs-B" / f"{job_b}_0_log.out").read_text()
-    assert final[job_b] == "COMPLETED", log_b[-3000:]
 
-    details_a, details_b = jobs.show_job(job_a), jobs.show_job(job_b)
-    assert details_a["JobState"] == "COMPLETED" and details_a["Restarts"] == "0"
-    assert details_b["JobState"] == "COMPLETED" and int(details_b["Restarts"]) >= 1, details_b
-    assert "stopped early" in log_b and "Requeued job" in log_b, log_b[-3000:]
-    train_log_b = (tmp_path / "B" / "log.txt").read_text()
-    assert "resumed from" in train_log_b
-    stopped_at = int(re.search(r"stopping at step (\d+)", train_log_b).group(1))
-    assert 2 <= stopped_at < 10
+def test_signalled_training_requeues_and_resumes_to_the_same_weights(cluster, shards, tmp_path, adm, train_args,
+                                                                      uninterrupted_run, same_weights):
+    submitted = adm("submit", "train", "--run-dir", str(tmp_path / "run"), "--data", str(shards), *train_args,
+                    "--cluster", cluster, "--tasks-per-node", "2", "--log-dir", str(tmp_path / "logs"), cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = job_id_of(submitted.stdout)
+    # What SLURM sends before a time limit (--signal) and `scancel --signal` sends on preemption.
+    wait_for_dir(tmp_path / "run" / "checkpoints" / "step_000000002", job_id)
+    subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+    final = jobs.wait([job_id], poll_s=1.0, timeout_s=180)
+    log = (tmp_path / "logs" / f"{job_id}_0_log.out").read_text()
+    assert final[job_id] == "COMPLETED", log[-3000:]
+    assert int(jobs.show_job(job_id)["Restarts"]) >= 1
+    assert "stopped early" in log and "Requeued job" in log, log[-3000:]
+    train_log = (tmp_path / "run" / "log.txt").read_text()
+    stopped_at = int(re.search(r"stopping at step (\d+)", train_log).group(1))
+    assert 2 <= stopped_at < 8 and f"(step {stopped_at})" in train_log  # resumed from that checkpoint
+    same_weights(uninterrupted_run["run_dir"], tmp_path / "run")
 
-    wa, wb = _weights(tmp_path / "A", 10), _weights(tmp_path / "B", 10)
-    for kind in ("model", "ema"):
-        assert wa[kind].keys() == wb[kind].keys()
-        for name in wa[kind]:
-            assert torch.equal(wa[kind][name], wb[kind][name]), f"{kind} {name} differs after requeue"
+
+def test_requeue_check_of_a_stage_that_never_polls(cluster, tmp_path):
+    """python -m slurm.check --requeue: a job that only writes periodic checkpoints is requeued at once."""
+    from slurm import check, profiles
+
+    profile = profiles.load_profile(cluster)
+    report = check.requeue_check(profile, profile.resources, tmp_path, steps=16, step_s=0.2, save_every=4,
+                                 poll=False, signal_name="USR2")
+    assert report["state"] == "COMPLETED" and report["restarts"] >= 1
+    assert report["starts"][0] == 0 and report["starts"][-1] >= 4  # resumed from a periodic checkpoint
+    assert report["digest"] == check.chain_digest(16)
