@@ -31,7 +31,10 @@ def build_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     """Return the argument parser of subcommand `name` and its module."""
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"adm {name}", description=(module.__doc__ or help_text).strip())
+    parser = argparse.ArgumentParser(
+        prog=f"adm {name}", description=(module.__doc__ or help_text).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the examples in docstrings as written
+    )
     module.add_arguments(parser)
     return parser, module
 
