@@ -97,6 +97,7 @@ def wait(job_ids: Iterable[str], poll_s: float = 5.0, timeout_s: float | None = 
     seen: dict[str, str] = {}
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     unknown_since: dict[str, float] = {}
+    previous: dict[str, str] = {}
     while True:
         current = states(ids)
         for job_id, state in current.items():
@@ -112,9 +113,13 @@ def wait(job_ids: Iterable[str], poll_s: float = 5.0, timeout_s: float | None = 
                 seen[job_id] = state
                 if on_change is not None:
                     on_change(job_id, state)
-        if all(is_finished(s) for s in current.values()):
+        # A failure state counts once it is seen twice in a row: a job being preempted or requeued
+        # can pass through one on its way back to PENDING.
+        confirmed = {j: s for j, s in current.items() if s == DONE or (s in FAILED_STATES and previous.get(j) == s)}
+        previous = current
+        if len(confirmed) == len(ids):
             return current
-        if stop_on_failure and any(s in FAILED_STATES for s in current.values()):
+        if stop_on_failure and any(s in FAILED_STATES for s in confirmed.values()):
             return current
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"jobs {', '.join(ids)} not finished after {timeout_s:.0f}s: {current}")

@@ -103,6 +103,7 @@ stages:
     command: inspect-shards
     after: [prepare]
     args: "{{out}}/shards"
+    local_tasks: 2
 """
 
 
@@ -113,7 +114,8 @@ def test_local_pipeline_runs_in_order_and_a_failure_names_stage_and_log(tmp_path
     record = json.loads((tmp_path / "out" / "pipeline.json").read_text())
     assert record["mode"] == "local" and [v["state"] for v in record["stages"].values()] == ["COMPLETED"] * 3
     assert (tmp_path / "out" / "reference.npz").is_file()
-    assert "samples" in (tmp_path / "out" / "logs" / "inspect.log").read_text()
+    inspect_log = (tmp_path / "out" / "logs" / "inspect.log").read_text()
+    assert inspect_log.count("samples per class") == 2  # local_tasks: 2 ran it as two processes
 
     broken = _write(tmp_path / "broken.yaml", SMALL.format(src=tmp_path / "missing-src"))
     failed = adm("pipeline", str(broken), "--local", "--out", str(tmp_path / "out2"), cwd=tmp_path)
