@@ -6,6 +6,7 @@ count, and the paper's guidance scales. `get(name, **overrides)` returns one, `b
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -244,7 +245,11 @@ def get(name: str, **overrides: Any) -> Preset:
     """
     if name not in _PRESETS:
         raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(_PRESETS)}")
-    preset = _PRESETS[name]
+    registered = _PRESETS[name]
+    # Fresh dicts: a caller editing preset.training must not change the registry.
+    preset = dataclasses.replace(
+        registered, training=copy.deepcopy(registered.training), guidance=copy.deepcopy(registered.guidance)
+    )
     if not overrides:
         return preset
     model_kw, diff_kw, train_kw = {}, {}, {}

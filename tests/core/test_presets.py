@@ -117,6 +117,9 @@ def test_overrides():
     respaced = presets.get("adm256", **{"diffusion.timestep_respacing": "ddim25"})
     assert respaced.openai_file == "256x256_diffusion.pt"  # respacing is a sampling choice
     assert presets.get("adm64") == presets.get("adm64")  # overrides never mutate the registry
+    mutable = presets.get("adm64")
+    mutable.training["lr"] = 1.0
+    assert presets.get("adm64").training["lr"] == 3e-4
     with pytest.raises(ValueError, match="unknown override 'width'"):
         presets.get("adm64", width=3)
     with pytest.raises(ValueError, match="unknown diffusion field 'schedule'"):
