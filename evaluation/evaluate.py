@@ -80,7 +80,7 @@ class _Pass:
         self.pool_rows: list[torch.Tensor] = []
         self.pool_stats = FeatureStats(net.pool_dim, dev) if stats else None
         self.spatial_stats = FeatureStats(net.spatial_dim, dev) if stats and net.spatial_dim else None
-        self.scores = ScoreSums(num_items, net_logit_dim(net), split_size, dev)
+        self.scores = ScoreSums(num_items, net.logit_dim, split_size, dev)
         self.labels = labels
         k = net.num_classes or 1
         self.correct = torch.zeros(k, dtype=torch.float64, device=dev)
@@ -105,11 +105,6 @@ class _Pass:
             if s is not None:
                 tensors += s.tensors()
         _all_reduce(tensors)
-
-
-def net_logit_dim(net: FeatureNetwork) -> int:
-    """Width of the network's logits (1008 for Inception)."""
-    return net.num_classes or 1008
 
 
 def _extract(net: FeatureNetwork, path, key_labels: np.ndarray | None, stats: bool, batch_size: int,

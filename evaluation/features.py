@@ -20,16 +20,20 @@ class Features(NamedTuple):
 
 class FeatureNetwork:
     """Uniform wrapper: `net(images_uint8_nhwc) -> Features`, plus `name`, `pool_dim`, `spatial_dim`,
-    `num_classes` and `device`."""
+    `logit_dim` (default: num_classes), `num_classes` (None unless the logits are the dataset's
+    classes) and `device`."""
 
     def __init__(self, name: str, module: torch.nn.Module, extract, pool_dim: int,
-                 spatial_dim: int | None, num_classes: int | None):
+                 spatial_dim: int | None, num_classes: int | None, logit_dim: int | None = None):
         self.name = name
         self.module = module
         self._extract = extract
         self.pool_dim = pool_dim
         self.spatial_dim = spatial_dim
         self.num_classes = num_classes
+        self.logit_dim = logit_dim or num_classes
+        if not self.logit_dim:
+            raise ValueError("a feature network needs logit_dim (or num_classes)")
 
     @property
     def device(self) -> torch.device:
@@ -54,7 +58,7 @@ def inception_network(module: torch.nn.Module | None = None, weights=None, devic
         module = load_fid_inception(weights, device=device)
     module = module.to(device).eval()
     return FeatureNetwork("inception", module, lambda x: tuple(module(x)), inception.POOL_DIM,
-                          inception.SPATIAL_DIM, None)
+                          inception.SPATIAL_DIM, None, logit_dim=inception.NUM_LOGITS)
 
 
 def classifier_network(path_or_module, device="cpu") -> FeatureNetwork:

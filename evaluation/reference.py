@@ -34,12 +34,13 @@ def make_reference(shards, out, image_size: int, num_images: int = 10000, stats:
     """
     from launch.distributed import setup
     from evaluation.evaluate import no_tf32
-    from evaluation.shard_images import iter_shard_images
+    from evaluation.shard_images import iter_shard_images, shard_urls
 
     if num_images < 1:
         raise ValueError(f"--num-images must be positive, got {num_images}")
     if image_size < 8:
         raise ValueError(f"--size must be at least 8 pixels, got {image_size}")
+    shard_urls(shards)  # a wrong path fails here, before the network is loaded
     t0 = time.perf_counter()
     info = setup()
     rank, world = info.rank, info.world_size
