@@ -16,8 +16,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
