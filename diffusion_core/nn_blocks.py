@@ -81,6 +81,22 @@ class TimestepSequential(nn.Sequential):
         return x
 
 
+class PointwiseConv2d(nn.Conv2d):
+    """1x1 convolution (same parameters as nn.Conv2d(cin, cout, 1)).
+
+    On channels-last activations it is a plain matmul over the channel axis: PyTorch's CPU
+    convolution falls back to a slow kernel for 1x1 channels-last inputs (about 1.8x slower).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        return super().forward(x)
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour x2 upsampling, optionally followed by a 3x3 conv (key `conv`)."""
 
@@ -164,7 +180,7 @@ class ResBlock(TimestepBlock):
         elif use_conv:
             self.skip_connection = nn.Conv2d(channels, self.out_channels, 3, padding=1)
         else:
-            self.skip_connection = nn.Conv2d(channels, self.out_channels, 1)
+            self.skip_connection = PointwiseConv2d(channels, self.out_channels)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.use_checkpoint and torch.is_grad_enabled():
