@@ -11,7 +11,7 @@ import resource
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 # Dense (no sparsity) tensor-core peaks in FLOP/s, by device-name fragment and precision.
 GPU_PEAKS = {
@@ -20,6 +20,18 @@ GPU_PEAKS = {
     "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
     "V100": {"bf16": 0.0, "fp16": 125e12, "fp32": 15.7e12},
 }
+
+
+def _cpu_attention_flops() -> dict:
+    # FlopCounterMode counts the CUDA attention kernels but not the CPU flash kernel; same formula.
+    ops = torch.ops.aten
+    table = {}
+    if hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu"):
+        table[ops._scaled_dot_product_flash_attention_for_cpu] = (
+            lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v))
+        table[ops._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v))
+    return table
 
 
 def _example_inputs(preset, batch: int, device):
@@ -37,7 +49,7 @@ def _example_inputs(preset, batch: int, device):
 
 def _count(module, preset, device) -> int:
     x, t, kwargs = _example_inputs(preset, 1, device)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops())
     with counter:
         module(x, t, **kwargs).float().sum().backward()
     return int(counter.get_total_flops())
