@@ -164,5 +164,5 @@ def test_failed_stage_stops_the_slurm_pipeline(cluster, tmp_path, adm):
     assert jobs.show_job(record["stages"]["prepare"]["job_id"])["JobState"] == "FAILED"
     for stage in ("reference", "inspect"):  # never ran
         fields = jobs.show_job(record["stages"][stage]["job_id"])
-        assert (fields["JobState"], fields["RunTime"]) == ("CANCELLED", "00:00:00"), fields
-        assert not (Path(record["stages"][stage]["log"])).exists()
+        assert fields["JobState"] == "CANCELLED", fields
+        assert not Path(record["stages"][stage]["log"]).exists()  # no task ever started
