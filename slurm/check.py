@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slurm.check: failed: {err}", file=sys.stderr)
         return 1
     print(f"submitted job {submitted.job_id}; logs in {submitted.log_dir}/")
-    final = jobs.wait([submitted.job_id], poll_s=2.0,
+    final = jobs.wait([submitted.job_id], poll_s=0.5,
                       fallback=lambda job_id: submission.result_state(submitted.log_dir, job_id))
     try:
         reports = submission.task_results(submitted.log_dir, submitted.job_id,

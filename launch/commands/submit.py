@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
           f"stop with `scancel {submitted.job_id}`")
     if not args.wait:
         return 0
-    final = jobs.wait([submitted.job_id], poll_s=2.0,
+    final = jobs.wait([submitted.job_id], poll_s=0.5,
                       on_change=lambda job_id, state: print(f"job {job_id}: {state}", flush=True),
                       fallback=lambda job_id: submission.result_state(log_dir, job_id))
     state = final[submitted.job_id]
