@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launch.cli import main as adm
@@ -15,12 +16,9 @@ from tests.launch.test_train_data import digit_shards
 pytestmark = pytest.mark.slow
 
 
-def test_noisy_classifier_learns_digits(tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    import torch
-
+def test_noisy_classifier_learns_digits(tmp_path):
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: one thread avoids spin-waiting
+    torch.set_num_threads(1)  # two shared cores: one thread avoids OpenMP spin-waiting
     try:
         train = digit_shards(tmp_path / "train", per_class=50, samples_per_shard=50)
         val = digit_shards(tmp_path / "val", split="val", per_class=8, samples_per_shard=40)

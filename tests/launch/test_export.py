@@ -19,6 +19,15 @@ from tests.launch.test_train_data import digit_shards
 KEYS_FILE = Path(__file__).resolve().parents[3] / "shared" / "adm" / "released_checkpoint_keys.txt"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two shared cores: one intra-op thread avoids OpenMP spin-waiting against other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def released_keys() -> dict[str, list[tuple[str, tuple[int, ...]]]]:
     out: dict[str, list] = {}
     current = None

@@ -18,6 +18,15 @@ from launch.strategies import TorchStrategy, deepspeed_config
 from launch.train_loop import lr_at, prepare_run_dir
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two shared cores: one intra-op thread avoids OpenMP spin-waiting against other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def resolved(kind="diffusion", sets=(), file=None, **flags):
     cfg = C.build_config(kind, file=file, sets=list(sets), **flags)
     return C.resolve(cfg, require_data=False)
@@ -115,9 +124,9 @@ def _tiny_strategy(precision="fp16"):
     return cfg, preset, TorchStrategy(cfg, preset.build(), info)
 
 
-def _loss(strategy, cfg, scale_by=1.0):
+def _loss(strategy, precision, scale_by=1.0):
     x = torch.randn(2, 3, 16, 16)
-    with autocast(cfg.precision, torch.device("cpu")):
+    with autocast(precision, torch.device("cpu")):
         out = strategy.forward(x, torch.tensor([3, 500]), y=torch.tensor([1, 2]))
     return (out.float() - 1.0).pow(2).mean() * scale_by  # the output layer starts at zero
 
@@ -126,9 +135,10 @@ def test_fp16_loss_scaling_skips_overflow_halves_to_floor_and_stops():
     cfg, preset, strategy = _tiny_strategy("fp16")
     scaler = LossScaler(dynamic=True, init_scale=2.0 ** 4, floor=8.0, growth_interval=2, max_nonfinite=3)
     before = {k: v.clone() for k, v in strategy.module.state_dict().items()}
-    # A finite step is applied; two in a row double the scale.
-    for _ in range(2):
-        strategy.backward(_loss(strategy, cfg), scaler, 1)
+    # A finite step is applied; two in a row double the scale. (fp16 kernels are slow on CPUs: one
+    # real fp16 step, then the scaler's bookkeeping on fp32 arithmetic, which it does not see.)
+    for precision in ("fp16", "fp32"):
+        strategy.backward(_loss(strategy, precision), scaler, 1)
         applied, norm = strategy.step(1e-3, scaler, grad_clip=0.0)
         assert applied and math.isfinite(norm)
     assert scaler.scale == 2.0 ** 5
@@ -136,13 +146,13 @@ def test_fp16_loss_scaling_skips_overflow_halves_to_floor_and_stops():
     assert any(not torch.equal(before[k], changed[k]) for k in before)
     # Overflowing gradients: the step is skipped (weights untouched) and the scale halves, not below the floor.
     for expected in (2.0 ** 4, 2.0 ** 3):
-        strategy.backward(_loss(strategy, cfg, scale_by=float("inf")), scaler, 1)
+        strategy.backward(_loss(strategy, "fp32", scale_by=float("inf")), scaler, 1)
         applied, _ = strategy.step(1e-3, scaler, grad_clip=0.0)
         assert not applied and scaler.scale == expected
     assert all(torch.equal(changed[k], v) for k, v in strategy.module.state_dict().items())
     state = scaler.state_dict()
     with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row had non-finite gradients.*at its floor"):
-        strategy.backward(_loss(strategy, cfg, scale_by=float("nan")), scaler, 1)
+        strategy.backward(_loss(strategy, "fp32", scale_by=float("nan")), scaler, 1)
         strategy.step(1e-3, scaler, grad_clip=0.0)
     assert scaler.scale == 8.0  # the floor
     restored = LossScaler(dynamic=True)
