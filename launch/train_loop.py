@@ -135,6 +135,7 @@ class Trainer:
         if resume_from is not None:
             loader_state, data_seed = self._resume(resume_from)
         self.loader = self.objective.make_loader(cfg.data, self.micro_batch, data_seed, train=True)
+        self._check_labels(self.loader.num_classes)
         if loader_state is not None:
             self.loader.load_state_dict(loader_state)
         self.batches = iter(self.loader)
@@ -213,6 +214,15 @@ class Trainer:
             f"world size changed ({meta['world_size']} -> {self.info.world_size}): model, optimizer and EMA "
             "resharded; data order and noise restart from seeds derived from the step (not bit-identical)")
         return None, self.cfg.seed + self.step
+
+    def _check_labels(self, data_classes: int) -> None:
+        """The data's labels must fit the network (a 10-class preset cannot take ImageNet's 1000)."""
+        model = self.preset.model
+        fits = getattr(model, "num_classes", None) if self.cfg.kind == "diffusion" else model.out_channels
+        if fits is not None and data_classes > fits:
+            key = "model.num_classes" if self.cfg.kind == "diffusion" else "model.out_channels"
+            raise ValueError(f"the shards in {self.cfg.data} have {data_classes} classes but preset {self.preset.name} "
+                             f"has {fits}: use a preset for this data or --set {key}={data_classes}")
 
     # -- the step -----------------------------------------------------------------------------
     def model_fn(self, *args, **kwargs) -> torch.Tensor:

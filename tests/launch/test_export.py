@@ -120,3 +120,11 @@ def test_resume_with_another_preset_names_the_fields(runs, capsys):
                 "num_workers=0", "model.num_classes=1000", "ema_rates=0.9,0.99", "model.model_channels=64"])
     err = capsys.readouterr().err
     assert code == 2 and "preset.model.model_channels: 32 (saved) != 64 (now)" in err
+
+
+def test_labels_beyond_the_model_are_refused(runs, capsys):
+    tmp, data = runs
+    code = adm(["train", "--run-dir", str(tmp / "five"), "--data", str(data), "--set", "model.num_classes=5",
+                "num_workers=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "have 10 classes but preset tiny-unet has 5" in err and "model.num_classes=10" in err
