@@ -64,7 +64,7 @@ def set_impl(model: torch.nn.Module, impl: str, ours_layout: str = "auto") -> No
     model.set_memory_format(ours_layout if impl == "ours" else "contiguous")
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
     """Best achieved FLOP/s of an n x n torch.mm (this machine's practical matmul peak)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -76,6 +76,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
         _sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def peak_size(device: torch.device) -> int:
+    return 8192 if device.type == "cuda" else 2048
 
 
 def _sync(device: torch.device) -> None:
@@ -152,12 +156,13 @@ def run_case(label, cfg, batch, device, amp_dtype, peak, repeats, ours_layouts=(
     flops = count_flops(steps)
     impls = [("ours", layout) for layout in ours_layouts] + [("original", "contiguous")]
     times = time_alternating(model, steps, impls, repeats, device)
+    peak = max(peak, matmul_peak(device, torch.float32 if amp_dtype is None else amp_dtype, peak_size(device)))
 
     params = sum(p.numel() for p in model.parameters())
     print(f"\n== {label}: {params / 1e6:.1f}M params, batch {batch}, "
           f"{'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1] + ' autocast'}, {device} ==")
     print(f"ours vs original forward: max |diff| / max |out| = {diff:.1e}")
-    print(f"matmul peak: {peak / 1e12:.3f} TFLOP/s")
+    print(f"matmul peak (best {peak_size(device)}^2 torch.mm, before and after): {peak / 1e12:.3f} TFLOP/s")
     print(f"{'step':<8}{'implementation':<28}{'s/iter':>9}{'img/s':>9}{'TFLOP/s':>9}{'of peak':>9}")
     best = {key: min(values) for key, values in times.items()}  # best-of-N resists other processes' noise
     for name in steps:
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-        peak = matmul_peak(device, torch.bfloat16, 8192)
+        peak = matmul_peak(device, torch.bfloat16, peak_size(device))
         for name, batch in (("adm64", args.batch or 64), ("adm256", args.batch or 8)):
             cfg = presets.get(name).model
             run_case(name, cfg, batch, device, torch.bfloat16, peak, args.repeats,
@@ -198,9 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = torch.device("cpu")
     # Other processes on a shared machine distort absolute numbers (ratios less so): show the load.
-    print(f"CPU threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} CPUs")
-    peak = matmul_peak(device, torch.float32, 2048)
+    load = os.getloadavg()[0]
+    print(f"CPU threads: {torch.get_num_threads()}, load average: {load:.1f} on {os.cpu_count()} CPUs")
+    if torch.get_num_threads() > 1 and load > (os.cpu_count() or 1):
+        print("warning: the CPUs are oversubscribed; multi-threaded timings will be erratic (try --threads 1)")
+    peak = matmul_peak(device, torch.float32, peak_size(device))
     run_case("reduced ADM-64", reduced_adm64(), args.batch or 4, device, None, peak, args.repeats)
     return 0
 
