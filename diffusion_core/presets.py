@@ -14,7 +14,14 @@ from typing import Any
 from torch import nn
 
 from diffusion_core.diffusion import DiffusionConfig
-from diffusion_core.unet import ClassifierConfig, UNetConfig, build_model, config_from_dict, config_to_dict
+from diffusion_core.unet import (
+    ClassifierConfig,
+    UNetConfig,
+    build_model,
+    config_from_dict,
+    config_to_dict,
+    default_channel_mult,
+)
 
 KINDS = ("diffusion", "classifier", "upsampler")
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
@@ -117,20 +124,14 @@ def _adm_unet(size: int, channels: int, blocks: int, **kw: Any) -> UNetConfig:
         image_size=size,
         model_channels=channels,
         num_res_blocks=blocks,
-        channel_mult=kw.pop("channel_mult", None) or _default_mult(size, kw.get("super_resolution", False)),
+        channel_mult=kw.pop("channel_mult", None) or default_channel_mult(size, kw.get("super_resolution", False)),
         **kw,
     )
 
 
-def _default_mult(size: int, sr: bool) -> tuple[float, ...]:
-    from diffusion_core.unet import default_channel_mult
-
-    return default_channel_mult(size, sr)
-
-
 def _adm_classifier(size: int, depth: int) -> ClassifierConfig:
     return ClassifierConfig(
-        image_size=size, num_res_blocks=depth, model_channels=128, channel_mult=_default_mult(size, False)
+        image_size=size, num_res_blocks=depth, model_channels=128, channel_mult=default_channel_mult(size, False)
     )
 
 

@@ -1,6 +1,7 @@
 """The ADM networks against the spec (ADM_SPEC section 6), written independently of our modules."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -392,8 +393,6 @@ def test_config_dict_round_trip():
         cfg = presets.get(name).model
         d = config_to_dict(cfg)
         assert d["type"] in ("unet", "classifier")
-        import json
-
         assert config_from_dict(json.loads(json.dumps(d))) == cfg
     with pytest.raises(ValueError, match="unknown unet config field"):
         config_from_dict({**config_to_dict(presets.get("tiny-unet").model), "width": 3})
