@@ -49,14 +49,13 @@ def resolve_inception_weights(path: str | os.PathLike | None = None, check_hash:
     `path` (if given) must exist; otherwise `$ADM_INCEPTION_WEIGHTS`, then the torch hub cache are
     tried. With `check_hash`, a file whose sha256 differs raises ValueError.
     """
-    candidates: list[tuple[str, Path]] = []
+    # The first source given is the only one tried: a wrong explicit path must not fall back silently.
     if path is not None:
-        candidates.append(("--inception-weights", Path(path).expanduser()))
+        source, chosen = "--inception-weights", Path(path).expanduser()
     elif os.environ.get(ENV_VAR):
-        candidates.append((ENV_VAR, Path(os.environ[ENV_VAR]).expanduser()))
+        source, chosen = ENV_VAR, Path(os.environ[ENV_VAR]).expanduser()
     else:
-        candidates.append(("torch hub cache", hub_checkpoint_dir() / WEIGHTS_NAME))
-    source, chosen = candidates[0]
+        source, chosen = "torch hub cache", hub_checkpoint_dir() / WEIGHTS_NAME
     if not chosen.is_file():
         raise FileNotFoundError(
             f"FID Inception weights not found at {chosen} (from {source}). They are never downloaded "

@@ -23,7 +23,7 @@ def shard_dir(digits, tmp_path):
     folder.mkdir()
     for s in range(2):
         with wds.TarWriter(str(folder / f"train-{s:06d}.tar")) as sink:
-            for i in range(s * 5, s * 5 + 5):
+            for i in range(s * 3, s * 3 + 3):
                 buf = io.BytesIO()
                 Image.fromarray(images[i][2:30, 1:31]).save(buf, format="PNG")  # 28x30: cropped and resized
                 sink.write({"__key__": f"img{i:04d}", "png": buf.getvalue(), "cls": str(int(labels[i])).encode()})
@@ -34,20 +34,20 @@ def _expected_images(digits, size):
     from data.transforms import center_crop_arr
 
     images, labels = digits
-    return {f"img{i:04d}": (center_crop_arr(Image.fromarray(images[i][2:30, 1:31]), size), labels[i]) for i in range(10)}
+    return {f"img{i:04d}": (center_crop_arr(Image.fromarray(images[i][2:30, 1:31]), size), labels[i]) for i in range(6)}
 
 
 def test_make_reference_with_statistics(shard_dir, digits, tmp_path, _inception_master):
     net = inception_network(_inception_master)
     out = tmp_path / "ref.npz"
-    summary = make_reference(str(shard_dir), out, 32, num_images=4, network=net, batch_size=3, log=None)
-    assert summary["num_images"] == 4 and summary["num_seen"] == 10
+    summary = make_reference(str(shard_dir), out, 32, num_images=4, network=net, batch_size=4, log=None)
+    assert summary["num_images"] == 4 and summary["num_seen"] == 6
     expected = _expected_images(digits, 32)
     chosen = sorted(expected, key=lambda k: _priority(0, k))[:4]  # the seed decides which images are kept
     ref = np.load(out)
     np.testing.assert_array_equal(ref["arr_0"], np.stack([expected[k][0] for k in chosen]))
     np.testing.assert_array_equal(ref["arr_1"], [expected[k][1] for k in chosen])
-    feats = net(np.stack([v[0] for v in expected.values()]))  # statistics cover all 10 images
+    feats = net(np.stack([v[0] for v in expected.values()]))  # statistics cover all 6 images
     mu, sigma = mean_cov(feats.pool)
     stats = eio.read_reference_stats(out)
     np.testing.assert_allclose(stats["mu"], mu, rtol=1e-5, atol=1e-6)
@@ -60,7 +60,7 @@ def test_cli_make_reference_images_only(shard_dir, digits, tmp_path, capsys):
     assert adm(["make-reference", str(shard_dir), "--size", "16", "--out", str(out), "--no-stats",
                 "--num-images", "100"]) == 0
     ref = np.load(out)
-    assert ref["arr_0"].shape == (10, 16, 16, 3) and "mu" not in ref.files
+    assert ref["arr_0"].shape == (6, 16, 16, 3) and "mu" not in ref.files
     assert eio.read_reference_stats(out) is None
     assert adm(["make-reference", str(tmp_path / "nothing"), "--size", "16", "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
