@@ -40,6 +40,7 @@ class TrainConfig:
     model: dict = dataclasses.field(default_factory=dict)  # preset overrides: {"model_channels": 64, "diffusion.noise_schedule": "cosine"}
     data: str = ""  # folder of WebDataset shards (or a shard pattern)
     init_from: str = ""  # our model file, or "openai:PATH" for a released checkpoint
+    random_flip: bool = True  # ADM's random horizontal flips; false for data that is not mirror-symmetric (digits, text)
     # Optimisation. None = the preset's recipe.
     batch_size: int | None = None  # global batch: world_size * grad_accum * per-rank micro batch
     grad_accum: int = 1

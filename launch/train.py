@@ -46,13 +46,13 @@ class DiffusionObjective:
 
     # -- data ---------------------------------------------------------------------------------
     def make_loader(self, shards, batch_size: int, seed: int, train: bool = True):
-        """ADM's centre crop + random flip."""
+        """ADM's centre crop + random flip (unless random_flip is off)."""
         from data.loader import ShardLoader
 
         info = self.trainer.info
         return ShardLoader(shards, image_size=self.preset.model.image_size, batch_size=batch_size,
                            rank=info.rank, world_size=info.world_size, num_workers=self.cfg.num_workers,
-                           seed=seed, mode="center", flip=True)
+                           seed=seed, mode="center", flip=self.cfg.random_flip)
 
     # -- the loss -----------------------------------------------------------------------------
     def model_kwargs(self, images: torch.Tensor, labels: torch.Tensor) -> dict:

@@ -42,14 +42,15 @@ class ClassifierObjective:
         self._val_loader = None
 
     def make_loader(self, shards, batch_size: int, seed: int, train: bool = True):
-        """ADM's random crop (short side in [S, S/0.8]) + flip for training; centre crop for validation."""
+        """ADM's random crop (short side in [S, S/0.8]) + flip (unless random_flip is off) for training;
+        centre crop for validation."""
         from data.loader import ShardLoader
 
         info = self.trainer.info
         return ShardLoader(shards, image_size=self.preset.model.image_size, batch_size=batch_size,
                            rank=info.rank, world_size=info.world_size,
                            num_workers=self.cfg.num_workers if train else 0, seed=seed,
-                           mode="random-crop" if train else "center", flip=train)
+                           mode="random-crop" if train else "center", flip=train and self.cfg.random_flip)
 
     def _noised(self, images: torch.Tensor, generator: torch.Generator):
         t = torch.randint(0, self.num_timesteps, (images.shape[0],), generator=generator,
