@@ -283,6 +283,32 @@ class Demo:
 # ----------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------
+def check_guidance(sweep: list[dict], chance: float = 0.1) -> list[str]:
+    """Issue 8's acceptance on a guidance sweep; returns what fails (empty: guidance works).
+
+    Class accuracy about chance at scale 0 (< 2.5x chance: unguided samples carry labels drawn
+    independently of the image), far above it at the largest scale (> 0.7), and rising with the
+    scale (0.03 slack between neighbouring scales for sampling noise); precision higher and recall
+    lower at the largest scale than at scale 0.
+    """
+    sweep = sorted(sweep, key=lambda r: r["scale"])
+    if len(sweep) < 2 or sweep[0]["scale"] != 0:
+        return [f"need scale 0 and at least one larger scale, got {[r['scale'] for r in sweep]}"]
+    acc = [r["class_accuracy"] for r in sweep]
+    fails = []
+    if acc[0] >= 2.5 * chance:
+        fails.append(f"class accuracy at scale 0 is {acc[0]:.3f}, not about chance ({chance:g})")
+    if acc[-1] <= 0.7:
+        fails.append(f"class accuracy at scale {sweep[-1]['scale']:g} is {acc[-1]:.3f}, not far above chance")
+    if any(b < a - 0.03 for a, b in zip(acc, acc[1:])):
+        fails.append(f"class accuracy does not rise with the scale: {[round(a, 3) for a in acc]}")
+    if not sweep[-1]["precision"] > sweep[0]["precision"]:
+        fails.append(f"precision does not rise: {sweep[0]['precision']:.3f} -> {sweep[-1]['precision']:.3f}")
+    if not sweep[-1]["recall"] < sweep[0]["recall"]:
+        fails.append(f"recall does not fall: {sweep[0]['recall']:.3f} -> {sweep[-1]['recall']:.3f}")
+    return fails
+
+
 def summary_table(report: dict) -> str:
     """The sweep as a fixed-width text table."""
     lines = [f"{'scale':>6} {'class acc':>9} {'FID':>8} {'precision':>9} {'recall':>7}"]

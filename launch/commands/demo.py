@@ -22,11 +22,21 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo and print the guidance sweep and where the report is."""
     from pathlib import Path
 
-    from launch.demo import run_demo, summary_table
+    from launch.demo import check_guidance, run_demo, summary_table
 
     sets = [item for group in args.set for item in group]
     report = run_demo(args.out, quick=args.quick, overrides=sets, threads=args.threads)
     print()
     print(summary_table(report))
+    fails = check_guidance(report["guidance_sweep"])
+    if fails:
+        print("\nguidance did NOT show the expected trade-off: " + "; ".join(fails))
+    else:
+        first, last = report["guidance_sweep"][0], report["guidance_sweep"][-1]
+        print(f"\nguidance works: class accuracy {first['class_accuracy']:.2f} -> {last['class_accuracy']:.2f} "
+              f"(chance 0.10), precision {first['precision']:.2f} -> {last['precision']:.2f}, "
+              f"recall {first['recall']:.2f} -> {last['recall']:.2f} (scale {first['scale']:g} -> {last['scale']:g})")
+    seconds = report.get("stage_seconds", {})
+    print(f"stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     print(f"\nreport: {Path(args.out) / 'report' / 'report.html'} (also report.md, report.json)")
     return 0
