@@ -16,37 +16,44 @@ import torch.distributed as dist
 
 
 class MetricWindow:
-    """Sums of per-sample metrics since the last log, overall and per timestep quartile."""
+    """Sums of per-sample metrics since the last log, overall and per timestep quartile.
 
-    def __init__(self, names: tuple[str, ...], num_timesteps: int):
+    The sums live on the training device, so adding a micro-batch never waits for the GPU; only
+    `reduce()` (once per log step) synchronises.
+    """
+
+    def __init__(self, names: tuple[str, ...], num_timesteps: int, device: torch.device | str = "cpu"):
         self.names = tuple(names)
         self.num_timesteps = num_timesteps
+        self.device = torch.device(device)
         self.reset()
 
     def reset(self) -> None:
         # rows: metric; columns: overall, q0..q3. counts: overall, q0..q3.
-        self.sums = torch.zeros(len(self.names), 5, dtype=torch.float64)
-        self.counts = torch.zeros(5, dtype=torch.float64)
+        self.sums = torch.zeros(len(self.names), 5, dtype=torch.float64, device=self.device)
+        self.counts = torch.zeros(5, dtype=torch.float64, device=self.device)
 
     @torch.no_grad()
     def add(self, t: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
         """Add one micro-batch: timesteps `t` [B] and per-sample `values[name]` [B]."""
-        t = t.detach().cpu()
+        t = t.detach().to(self.device)
         quart = torch.clamp((4 * t) // self.num_timesteps, 0, 3)
         onehot = torch.nn.functional.one_hot(quart, 4).double()  # [B, 4]
-        mat = torch.stack([values[n].detach().float().cpu().double() for n in self.names])  # [M, B]
+        mat = torch.stack([values[n].detach().to(self.device, torch.float64) for n in self.names])  # [M, B]
         self.sums[:, 0] += mat.sum(1)
         self.sums[:, 1:] += mat @ onehot
         self.counts[0] += t.numel()
         self.counts[1:] += onehot.sum(0)
 
-    def reduce(self, device: torch.device) -> dict[str, float]:
+    def reduce(self, device: torch.device | None = None) -> dict[str, float]:
         """Average over all ranks (a collective) -> {"loss": .., "loss_q0": .., ...}; then reset."""
-        packed = torch.cat([self.sums.flatten(), self.counts]).to(device)
+        packed = torch.cat([self.sums.flatten(), self.counts])
+        if device is not None:
+            packed = packed.to(device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(packed)
         packed = packed.cpu()
-        sums = packed[: self.sums.numel()].view_as(self.sums)
+        sums = packed[: self.sums.numel()].view(self.sums.shape)
         counts = packed[self.sums.numel():]
         out = {}
         for i, name in enumerate(self.names):

@@ -92,7 +92,7 @@ class ClassifierObjective:
         """
         trainer = self.trainer
         loader = self.make_loader(self.cfg.val_data, trainer.micro_batch, seed=self.cfg.seed, train=False)
-        window = MetricWindow(self.metric_names, self.num_timesteps)
+        window = MetricWindow(self.metric_names, self.num_timesteps, trainer.device)
         generator = torch.Generator(device=trainer.device).manual_seed(
             train_loop.rank_seed(self.cfg.seed + 12345, trainer.info.rank))
         was_training = trainer.strategy.module.training

@@ -142,7 +142,7 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, info.rank, self.step, cfg.total_steps, cfg.progress)
         for line in self.logger_lines:
             self.logger.line(line)
-        self.window = MetricWindow(self.objective.metric_names, self.objective.num_timesteps)
+        self.window = MetricWindow(self.objective.metric_names, self.objective.num_timesteps, self.device)
         self.preemption = PreemptionWatcher().install()
         self._grad_norms: list[float] = []
         self._throughput = None
