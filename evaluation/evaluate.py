@@ -77,6 +77,7 @@ class _Pass:
     def __init__(self, net: FeatureNetwork, num_items: int, stats: bool, labels: np.ndarray | None,
                  split_size: int):
         dev = net.device
+        self.pool_dim = net.pool_dim
         self.pool_rows: list[torch.Tensor] = []
         self.pool_stats = FeatureStats(net.pool_dim, dev) if stats else None
         self.spatial_stats = FeatureStats(net.spatial_dim, dev) if stats and net.spatial_dim else None
@@ -98,6 +99,12 @@ class _Pass:
             hit = (feats.logits.argmax(1) == y).double()
             self.correct.index_add_(0, y, hit)
             self.total.index_add_(0, y, torch.ones_like(hit))
+
+    def local_pool(self) -> torch.Tensor:
+        """This rank's pool features (possibly none when there are more ranks than images)."""
+        if not self.pool_rows:
+            return torch.zeros(0, self.pool_dim, device=self.correct.device)
+        return torch.cat(self.pool_rows)
 
     def reduce(self) -> None:
         tensors = self.scores.tensors() + [self.correct, self.total]
@@ -184,8 +191,8 @@ def evaluate(reference, samples, features: str | FeatureNetwork = "inception", *
                                          rank, world, "reference" if progress else None)
         sam, _, sam_shape = _extract(net, samples, labels, True, batch_size, split_size, rank, world,
                                      "samples" if progress else None)
-        ref_pool = _gather_rows(torch.cat(ref.pool_rows), n_ref, world, rank)
-        sam_pool = _gather_rows(torch.cat(sam.pool_rows), n_samples, world, rank)
+        ref_pool = _gather_rows(ref.local_pool(), n_ref, world, rank)
+        sam_pool = _gather_rows(sam.local_pool(), n_samples, world, rank)
         record = None
         if rank == 0:
             record = _finish(net, ref, sam, stored, ref_pool, sam_pool, k, fp16_pr, fid_method, device)

@@ -174,9 +174,13 @@ def class_grid(sample_path: str | os.PathLike, max_classes: int = 10, per_class:
     return grid
 
 
-def _encode_png(image: np.ndarray) -> bytes:
+def _encode_png(image: np.ndarray, min_height: int = 0) -> bytes:
+    """PNG bytes; small images are enlarged by an integer factor (nearest) to at least min_height."""
     from PIL import Image
 
+    factor = max(1, -(-min_height // image.shape[0])) if min_height else 1
+    if factor > 1:
+        image = image.repeat(factor, axis=0).repeat(factor, axis=1)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -235,7 +239,8 @@ def build_report(inputs: Sequence[str | os.PathLike | dict], out_dir: str | os.P
         grid = class_grid(run["samples"], grid_classes, grid_per_class) if run.get("samples") else None
         if grid is not None:
             name = f"grid_{i}.png"
-            atomic_write_bytes(out / name, _encode_png(grid))
+            # 32 px digits are unreadable at their size: enlarge grids of small images (pixels kept sharp).
+            atomic_write_bytes(out / name, _encode_png(grid, min_height=400))
             grids.append((name, run["label"]))
     paper = _paper_rows(runs)
     summary = {
@@ -302,7 +307,7 @@ def _markdown(summary: dict, runs, figures, grids) -> str:
     for s in summary["guidance_sweeps"]:
         parts += [f"## Guidance sweep: {s['label']}", "",
                   _md_table(["Scale", "FID", "Precision", "Recall", "Class acc."],
-                            [[_fmt(p["scale"]), _fmt(p["fid"]), _fmt(p["precision"]), _fmt(p["recall"]),
+                            [[f"{p['scale']:g}", _fmt(p["fid"]), _fmt(p["precision"]), _fmt(p["recall"]),
                               _fmt(p["class_accuracy"])] for p in s["points"]]), ""]
     for name, caption in figures:
         parts += [f"![{caption}]({name})", ""]
@@ -332,7 +337,7 @@ def _html(summary: dict, runs, figures, grids) -> str:
     for s in summary["guidance_sweeps"]:
         parts += [f"<h2>Guidance sweep: {html.escape(s['label'])}</h2>",
                   _html_table(["Scale", "FID", "Precision", "Recall", "Class acc."],
-                              [[_fmt(p["scale"]), _fmt(p["fid"]), _fmt(p["precision"]), _fmt(p["recall"]),
+                              [[f"{p['scale']:g}", _fmt(p["fid"]), _fmt(p["precision"]), _fmt(p["recall"]),
                                 _fmt(p["class_accuracy"])] for p in s["points"]])]
     for name, caption in figures:
         parts.append(f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption)}'>"

@@ -145,3 +145,16 @@ def test_two_gloo_processes_agree_with_one(files, small_classifier, tmp_path):
             assert two["metrics"][key] is None, key
         else:
             assert two["metrics"][key] == pytest.approx(value, rel=1e-7, abs=1e-9), key
+
+
+def test_no_tf32_turns_tf32_off_and_restores():
+    from evaluation.evaluate import no_tf32
+
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with no_tf32():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -46,7 +46,8 @@ def test_sweep_report(sweep, tmp_path):
     plot = Image.open(out / "sweep_0.png")
     assert plot.size[0] > 400
     grid = np.asarray(Image.open(out / "grid_0.png"))
-    assert grid.shape == (10 * 34 + 2, 8 * 34 + 2, 3)  # one row per class, 8 samples each, 2 px gaps
+    # one row per class, 8 samples each, 2 px gaps; small images enlarged x2 for reading
+    assert grid.shape == (2 * (10 * 34 + 2), 2 * (8 * 34 + 2), 3)
 
 
 def test_class_grid_rows_hold_one_class(tmp_path, digits):
