@@ -24,8 +24,9 @@ def test_noisy_classifier_learns_digits(tmp_path):
         val = digit_shards(tmp_path / "val", split="val", per_class=8, samples_per_shard=40)
         run = tmp_path / "run"
         code = adm(["train-classifier", "--run-dir", str(run), "--data", str(train), "--val-data", str(val),
-                    "--set", "total_steps=240", "batch_size=32", "lr=1e-2", "warmup_steps=20", "log_every=40",
-                    "save_every=120", "num_workers=0", "eval_every=120", "progress=false"])
+                    "--set", "total_steps=200", "batch_size=32", "lr=1e-2", "warmup_steps=20", "log_every=40",
+                    "save_every=100", "num_workers=0", "eval_every=100", "progress=false",
+                    "random_flip=false"])  # digits are not mirror-symmetric
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -36,14 +37,14 @@ def test_noisy_classifier_learns_digits(tmp_path):
                 "val/acc@1_q0", "val/loss_q3", "train/lr", "train/grad_norm"):
         assert tag in scalars, tag
     val_acc = {e.step: e.value for e in acc.Scalars("val/acc@1")}
-    assert sorted(val_acc) == [120, 240]
+    assert sorted(val_acc) == [100, 200]
     # Chance is 0.1; the least noisy quarter of timesteps is far easier than the average.
-    assert val_acc[240] >= 0.25, val_acc
+    assert val_acc[200] >= 0.25, val_acc
     assert acc.Scalars("val/acc@1_q0")[-1].value >= 0.4
     assert acc.Scalars("train/acc@5")[-1].value > 0.6
     # Linear decay to zero, after warm-up; no EMA by default.
     lrs = {e.step: e.value for e in acc.Scalars("train/lr")}
-    assert lrs[240] < 1e-4 and lrs[40] > lrs[200]
+    assert lrs[200] < 1e-4 and lrs[40] > lrs[160]
     meta = json.loads(sorted((run / "checkpoints").glob("step_*"))[-1].joinpath("meta.json").read_text())
     assert meta["ema_names"] == [] and meta["kind"] == "classifier"
 
