@@ -65,3 +65,23 @@ def test_cli_make_reference_images_only(shard_dir, digits, tmp_path, capsys):
     assert adm(["make-reference", str(tmp_path / "nothing"), "--size", "16", "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert adm(["make-reference", str(shard_dir), "--size", "16", "--out", str(out), "--num-images", "0"]) == 2
+
+
+@pytest.mark.distributed
+def test_two_gloo_processes_write_the_same_file(shard_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    args = ["make-reference", str(shard_dir), "--size", "16", "--no-stats", "--num-images", "4"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "launch.cli", *args, "--out", str(tmp_path / "two.npz")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert adm([*args, "--out", str(tmp_path / "one.npz")]) == 0
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    np.testing.assert_array_equal(one["arr_0"], two["arr_0"])
+    np.testing.assert_array_equal(one["arr_1"], two["arr_1"])
