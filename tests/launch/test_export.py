@@ -59,7 +59,7 @@ def runs(tmp_path_factory):
     data = digit_shards(tmp / "digits", per_class=4, samples_per_shard=20)
     common = ["--data", str(data), "--set", "total_steps=2", "save_every=2", "log_every=1", "num_workers=0", "progress=false"]
     assert adm(["train", "--run-dir", str(tmp / "unet"), *common, "model.num_classes=1000", "ema_rates=0.9,0.99",
-                "grad_accum=2"]) == 0
+                "grad_accum=2", "timestep_sampler=loss-second-moment"]) == 0
     assert adm(["train-classifier", "--run-dir", str(tmp / "clf"), *common, "model.out_channels=1000"]) == 0
     return tmp, data
 
