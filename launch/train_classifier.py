@@ -39,7 +39,6 @@ class ClassifierObjective:
         self.generator = trainer.generator
         self.diffusion = dataclasses.replace(self.preset.diffusion, timestep_respacing="").build()
         self.num_timesteps = self.diffusion.num_timesteps
-        self._val_loader = None
 
     def make_loader(self, shards, batch_size: int, seed: int, train: bool = True):
         """ADM's random crop (short side in [S, S/0.8]) + flip (unless random_flip is off) for training;
