@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, Python puts bench/ first on the path, where bench/data.py would shadow the
+# Run as a script, Python puts bench/ first on the path, where bench/data_loading.py would shadow the
 # `data` package: import from the repository root instead.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 

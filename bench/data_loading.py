@@ -1,6 +1,6 @@
 """Decode + ADM crop throughput per CPU core: shards vs separate files, decoders, pre-resized shards.
 
-    .venv/bin/python bench/data.py [--images 300] [--repeat 2] [--sizes 64 256]
+    .venv/bin/python bench/data_loading.py [--images 300] [--repeat 2] [--sizes 64 256]
 
 Builds an ImageNet-like set of real photos (scikit-learn's two sample photos, randomly cropped and
 scaled to ImageNet's typical 500x375-ish sizes, JPEG quality 90), writes it as class folders and as
