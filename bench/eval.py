@@ -16,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, Python puts bench/ first on the path, where bench/data_loading.py would shadow the
-# `data` package: import from the repository root instead.
+# Run as a script, Python puts bench/ first on the path: import the project from the repository root.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np  # noqa: E402
