@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -193,6 +194,22 @@ class _BatchStream(IterableDataset):
                 batch["_stats"] = dict(stats)
                 items = []
                 yield batch
+
+
+def _ignore_job_signals(_worker_id: int) -> None:
+    """DataLoader workers stay out of the signals a launcher sends to the trainer's process group.
+
+    torchrun, a terminal's Ctrl-C and SLURM's preemption signals reach the whole process group; a
+    worker that dies of SIGTERM makes the trainer fail with "DataLoader worker killed" before it can
+    write its preemption checkpoint. A worker gets its own process group (so a group-wide SIGTERM
+    passes it by, while the direct SIGTERM with which torch and multiprocessing stop workers still
+    works) and ignores the checkpoint/requeue signals; it exits with the trainer.
+    """
+    import signal
+
+    os.setpgid(0, 0)
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class ShardLoader:
@@ -375,6 +392,7 @@ class ShardLoader:
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 prefetch_factor=self.prefetch_factor,
+                worker_init_fn=_ignore_job_signals,
             )
         for batch in source:
             reader = int(batch.pop("_reader"))

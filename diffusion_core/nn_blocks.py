@@ -27,7 +27,8 @@ class GroupNorm32(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+        # Meta tensors (shape checks, FLOP counting) have no autocast state to ask about.
+        if x.dtype == torch.float32 and (x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type)):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         with torch.autocast(device_type=x.device.type, enabled=False):
             weight = None if self.weight is None else self.weight.float()

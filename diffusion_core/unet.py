@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 import torch.nn.functional as F
 from torch import nn
 
@@ -401,7 +402,9 @@ class UNetModel(_Encoder):
         if y.shape != (batch,) or y.dtype.is_floating_point or y.dtype == torch.bool:
             raise ValueError(f"labels y must be an integer tensor of shape [{batch}], got {y.dtype} {tuple(y.shape)}")
         limit = cfg.num_classes + int(cfg.null_class)
-        if y.device.type != "meta" and not _is_tracing() and batch:
+        # Only CPU labels are checked on the host: reading CUDA labels back would synchronise every
+        # step (out-of-range labels on a GPU still fail, in the embedding's device-side assert).
+        if y.device.type == "cpu" and batch and not _is_tracing() and not is_fake(y):
             lo, hi = (int(v) for v in torch.aminmax(y))
             if lo < 0 or hi >= limit:
                 bad = lo if lo < 0 else hi
