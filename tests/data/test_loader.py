@@ -228,5 +228,5 @@ def test_draft_decoder_is_close_to_exact(mini_shards):
     diffs = [((x["images"] - y["images"]).abs().mean().item()) for x, y in zip(exact, draft)]
     assert all(x["keys"] == y["keys"] for x, y in zip(exact, draft))
     # Not bit-identical (DCT-domain scaling instead of BOX halving), but close: mean |difference| in
-    # [-1, 1] units, under ~13 of 255 levels on these sharp-edged digits (bench/data.py measures photos).
+    # [-1, 1] units, under ~13 of 255 levels on these sharp-edged digits (bench/data_loading.py measures photos).
     assert 0 < max(diffs) < 0.1
