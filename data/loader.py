@@ -89,7 +89,7 @@ def _raw_epoch(cfg: _Config, epoch: int, worker: int, stats: dict[str, int]) -> 
                 raise ShardReadError(f"shard {url} holds {seen} samples but its manifest says {expected}: it is truncated")
         except ShardReadError as err:
             if not cfg.skip_bad_shards:
-                raise ShardReadError(f"{err}. Re-create it with `adm prepare-imagenet`, or pass skip_bad_shards=True (--skip-bad-shards) to skip it") from None
+                raise ShardReadError(f"{err}. Re-create it with `adm prepare-imagenet`, or skip it with skip_bad_shards=True (`adm train ... --set skip_bad_shards=true`)") from None
             stats["bad_shards"] += 1
             log.warning("skipping unreadable shard: %s", err)
 

@@ -27,7 +27,7 @@ TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 RESUMABLE_FIELDS = frozenset({
     "total_steps", "log_every", "save_every", "keep_last", "sample_every", "sample_steps",
     "sample_count", "num_workers", "compile", "eval_every", "eval_batches", "max_nonfinite_steps",
-    "allow_slow_precision", "progress", "strategy", "fsdp_shard_size",
+    "allow_slow_precision", "progress", "strategy", "fsdp_shard_size", "skip_bad_shards",
 })
 
 
@@ -69,6 +69,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False  # deterministic kernels: bitwise-reproducible resume on CPU
     num_workers: int = 2
+    skip_bad_shards: bool = False  # skip (and log) unreadable shards instead of stopping with an error
     # Bookkeeping.
     log_every: int = 50
     save_every: int = 5000

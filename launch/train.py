@@ -52,7 +52,8 @@ class DiffusionObjective:
         info = self.trainer.info
         return ShardLoader(shards, image_size=self.preset.model.image_size, batch_size=batch_size,
                            rank=info.rank, world_size=info.world_size, num_workers=self.cfg.num_workers,
-                           seed=seed, mode="center", flip=self.cfg.random_flip)
+                           seed=seed, mode="center", flip=self.cfg.random_flip,
+                           skip_bad_shards=self.cfg.skip_bad_shards)
 
     # -- the loss -----------------------------------------------------------------------------
     def model_kwargs(self, images: torch.Tensor, labels: torch.Tensor) -> dict:

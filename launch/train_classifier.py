@@ -49,7 +49,8 @@ class ClassifierObjective:
         return ShardLoader(shards, image_size=self.preset.model.image_size, batch_size=batch_size,
                            rank=info.rank, world_size=info.world_size,
                            num_workers=self.cfg.num_workers if train else 0, seed=seed,
-                           mode="random-crop" if train else "center", flip=train and self.cfg.random_flip)
+                           mode="random-crop" if train else "center", flip=train and self.cfg.random_flip,
+                           skip_bad_shards=self.cfg.skip_bad_shards)
 
     def _noised(self, images: torch.Tensor, generator: torch.Generator):
         t = torch.randint(0, self.num_timesteps, (images.shape[0],), generator=generator,
