@@ -7,9 +7,9 @@ and requeues the job; the stage resumes from its latest checkpoint. Submit optio
 or after STAGE; put stage options after `--` if a stage ever shares a name with one of them.
 
 examples:
-  adm submit train --preset adm64 --data shards/ --out runs/adm64 --cluster ./my-cluster.yaml --nodes 4
+  adm submit train --preset adm64 --run-dir runs/adm64 --data shards/ --cluster ./my-cluster.yaml --nodes 4
   adm submit sample --model runs/adm64 --num-samples 50000 --cluster example-a100 --gpus-per-node 8
-  adm submit train --preset tiny-unet --out runs/t --cluster local --tasks-per-node 2 --wait
+  adm submit train --run-dir runs/t --preset tiny-unet --data shards/ --cluster local --tasks-per-node 2 --wait
 """
 from __future__ import annotations
 
