@@ -8,7 +8,7 @@ or after STAGE; put stage options after `--` if a stage ever shares a name with 
 
 examples:
   adm submit train --preset adm64 --run-dir runs/adm64 --data shards/ --cluster ./my-cluster.yaml --nodes 4
-  adm submit sample --model runs/adm64 --num-samples 50000 --cluster example-a100 --gpus-per-node 8
+  adm submit sample --model runs/adm64 --num-samples 50000 --out samples/adm64 --cluster example-a100 --gpus-per-node 8
   adm submit train --run-dir runs/t --preset tiny-unet --data shards/ --cluster local --tasks-per-node 2 --wait
 """
 from __future__ import annotations
