@@ -86,18 +86,18 @@ def test_prepare_reads_the_digit_folder(digit_folder, tmp_path):
 # driver bookkeeping
 # ---------------------------------------------------------------------------------------------
 def test_settings_overrides():
-    s = demo.DemoSettings.quick().replace(["num_samples=40", "scales=[0, 3]", "unet_model={image_size: 16}"])
-    assert s.num_samples == 40 and s.scales == (0.0, 3.0) and s.unet_model == (("image_size", 16),)
+    s = demo.DemoSettings.quick().replace(["num_samples=40", "scales=[0, 3]", "unet_set=[lr=1e-4, batch_size=8]"])
+    assert s.num_samples == 40 and s.scales == (0.0, 3.0) and s.unet_set == ("lr=1e-4", "batch_size=8")
     with pytest.raises(ValueError, match="KEY=VALUE"):
         s.replace(["no_such_key=1"])
-    with pytest.raises(ValueError, match="mapping"):
-        s.replace(["unet_model=16"])
+    with pytest.raises(ValueError, match="list of KEY=VALUE"):
+        s.replace(["unet_set=16"])
 
 
 def test_quick_is_smaller_than_full():
     q, f = demo.DemoSettings.quick(), demo.DemoSettings.full()
     assert q.scales == f.scales == (0.0, 1.0, 2.0, 4.0, 8.0)
-    assert q.unet_steps * q.unet_batch <= f.unet_steps * f.unet_batch
+    assert q.unet_steps <= f.unet_steps and q.classifier_steps <= f.classifier_steps
     assert q.num_samples <= f.num_samples
 
 
@@ -130,18 +130,21 @@ def test_summary_table():
 # the quick demo, end to end (what CI runs)
 # ---------------------------------------------------------------------------------------------
 def test_check_guidance():
-    good = [{"scale": x, "class_accuracy": a, "fid": 1.0, "precision": p, "recall": r}
-            for x, a, p, r in ((0, 0.1, 0.2, 0.6), (1, 0.3, 0.3, 0.5), (2, 0.5, 0.4, 0.4), (4, 0.8, 0.5, 0.3),
-                               (8, 0.95, 0.6, 0.2))]
+    good = [{"scale": x, "class_accuracy": a, "fid": f, "precision": 0.8, "recall": 0.8}
+            for x, a, f in ((0, 0.1, 17.0), (1, 0.3, 18.0), (2, 0.5, 14.0), (4, 0.7, 10.0), (8, 0.8, 8.0))]
     assert demo.check_guidance(good) == []
     flat = [dict(r, class_accuracy=0.1) for r in good]
     assert any("far above" in f for f in demo.check_guidance(flat))
     dip = [dict(r) for r in good]
     dip[2]["class_accuracy"] = 0.2
     assert any("rise" in f for f in demo.check_guidance(dip))
+    lucky = [dict(r) for r in good]
+    lucky[0]["class_accuracy"] = 0.3
+    assert any("chance" in f for f in demo.check_guidance(lucky))
     worse = [dict(r) for r in good]
-    worse[-1]["precision"], worse[-1]["recall"] = 0.1, 0.9
-    assert len(demo.check_guidance(worse)) == 2
+    worse[-1]["fid"] = 20.0
+    assert any("FID" in f for f in demo.check_guidance(worse))
+    assert demo.check_guidance(good[1:])  # no scale 0
 
 
 def quick_demo_dir(tmp_path_factory) -> Path:
