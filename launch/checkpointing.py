@@ -29,22 +29,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.fileio import atomic_torch_save, atomic_write_json
+from data.fileio import atomic_torch_save, atomic_write_json, fsync_dir
 from launch.distributed import barrier
 
 FORMAT = "adm-train-checkpoint/1"
 PREFIX = "step_"
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Make the rename itself durable: a crash right after must not resurrect the .tmp name.
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -147,7 +136,7 @@ class CheckpointManager:
         if self.rank == 0:
             atomic_write_json(tmp / "meta.json", {"format": FORMAT, "step": step, "world_size": self.world_size, **meta})
             os.replace(tmp, final)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)  # the rename itself must survive a crash
             self._prune()
         barrier()
         return final
