@@ -6,7 +6,6 @@ sha256 of local shards), and an optional grid of examples (ADM's centre crop) to
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data.fileio import atomic_write_bytes
+from data.fileio import atomic_write_bytes, file_sha256
 from data.shards import ShardReadError, image_field, is_url, iter_raw_samples, resolve_shards
 from data.transforms import center_crop_arr, decode_image
 
@@ -74,7 +73,7 @@ def inspect_shards(
                     tiles.append(center_crop_arr(decode_image(sample[image_field(sample)]), grid_size))
         except ShardReadError as err:
             bad_shards.append({"shard": url, "reason": str(err)})
-        if sha_of.get(url) and os.path.exists(url) and _sha256(url) != sha_of[url]:
+        if sha_of.get(url) and os.path.exists(url) and file_sha256(url) != sha_of[url]:
             checksum_mismatch.append(url)
         expected = shard_set.counts.get(url)
         if expected is not None and expected != seen:
@@ -99,14 +98,6 @@ def inspect_shards(
         report["grid"] = str(grid)
         atomic_write_bytes(grid, _grid_png(tiles))
     return report
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _grid_png(tiles: list[np.ndarray]) -> bytes:

@@ -7,12 +7,12 @@ a truncated or different file would shift every FID silently.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 
+from data.fileio import file_sha256
 from evaluation.inception import FIDInception
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -34,15 +34,6 @@ def download_hint() -> str:
             f"(or pass --inception-weights PATH / set {ENV_VAR}=PATH)")
 
 
-def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resolve_inception_weights(path: str | os.PathLike | None = None, check_hash: bool = True) -> Path:
     """Return the path of verified FID Inception weights, or raise FileNotFoundError with the fix.
 
@@ -61,7 +52,7 @@ def resolve_inception_weights(path: str | os.PathLike | None = None, check_hash:
             f"FID Inception weights not found at {chosen} (from {source}). They are never downloaded "
             f"automatically; fetch them with: {download_hint()}")
     if check_hash:
-        digest = sha256_of(chosen)
+        digest = file_sha256(chosen)
         if digest != WEIGHTS_SHA256:
             raise ValueError(
                 f"{chosen} has sha256 {digest}, expected {WEIGHTS_SHA256} ({WEIGHTS_NAME}, "

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data.fileio import atomic_write_json
+from data.fileio import atomic_write_json, file_sha256
 from launch import distributed
 from launch import sample_files as sf
 
@@ -295,15 +295,6 @@ def weights_sha256(module: nn.Module) -> str:
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    """sha256 of a file's bytes, read in 16 MiB pieces."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
     return h.hexdigest()
 
 
