@@ -36,6 +36,21 @@ FORMAT = "adm-train-checkpoint/1"
 PREFIX = "step_"
 
 
+def checkpoint_at(run_dir: str | os.PathLike, step: int | None = None) -> Path:
+    """The complete checkpoint folder of `step` (default: the latest); FileNotFoundError naming what exists."""
+    run_dir = Path(run_dir)
+    if step is None:
+        folder = latest_checkpoint(run_dir)
+        if folder is None:
+            raise FileNotFoundError(f"run {run_dir} has no complete checkpoint yet under {run_dir / 'checkpoints'}")
+        return folder
+    folder = step_dir(run_dir, step)
+    if not (folder / "meta.json").is_file():
+        steps = [s for s, _ in list_checkpoints(run_dir)]
+        raise FileNotFoundError(f"run {run_dir} has no checkpoint at step {step}; it has {steps}")
+    return folder
+
+
 def step_dir(run_dir: Path, step: int) -> Path:
     """RUN/checkpoints/step_XXXXXXXXX."""
     return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:09d}"
@@ -289,15 +304,7 @@ def load_model_from_run(run_dir: str | os.PathLike, ema_rate: float | None = Non
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     preset = Preset.from_dict(config["preset"])
-    if step is None:
-        folder = latest_checkpoint(run_dir)
-        if folder is None:
-            raise FileNotFoundError(f"run {run_dir} has no complete checkpoint yet under {run_dir / 'checkpoints'}")
-    else:
-        folder = step_dir(run_dir, step)
-        if not (folder / "meta.json").is_file():
-            steps = [s for s, _ in list_checkpoints(run_dir)]
-            raise FileNotFoundError(f"run {run_dir} has no checkpoint at step {step}; it has {steps}")
+    folder = checkpoint_at(run_dir, step)
     with torch.device("meta"):
         module = preset.build()
     weights, _ = checkpoint_weights(folder, module, ema_rate)

@@ -14,7 +14,7 @@ import torch
 from data.fileio import atomic_torch_save
 from diffusion_core.openai_compat import load_openai_state_dict, to_openai_state_dict
 from diffusion_core.presets import Preset
-from launch.checkpointing import read_run_config, checkpoint_weights, latest_checkpoint, list_checkpoints, read_meta, step_dir
+from launch.checkpointing import checkpoint_at, checkpoint_weights, read_meta, read_run_config
 from launch.model_io import save_model_file
 
 
@@ -27,15 +27,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     """
     run_dir = Path(run_dir)
     preset = Preset.from_dict(read_run_config(run_dir)["preset"])
-    if step is None:
-        folder = latest_checkpoint(run_dir)
-        if folder is None:
-            raise FileNotFoundError(f"run {run_dir} has no complete checkpoint to export yet")
-    else:
-        folder = step_dir(run_dir, step)
-        if not (folder / "meta.json").is_file():
-            raise FileNotFoundError(f"run {run_dir} has no checkpoint at step {step}; it has "
-                                    f"{[s for s, _ in list_checkpoints(run_dir)]}")
+    folder = checkpoint_at(run_dir, step)
     meta = read_meta(folder)
     with torch.device("meta"):
         module = preset.build()
