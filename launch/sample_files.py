@@ -55,15 +55,16 @@ def shard_path(out_dir: str | os.PathLike, shard_id: int) -> Path:
 
 
 def write_shard(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray, start: int,
-                options_hash: str, batch_size: int) -> None:
-    """Write one shard atomically: uint8 images `[n, H, W, 3]`, int64 labels `[n]` and what made them."""
+                options_hash: str, network_batch: int) -> None:
+    """Write one shard atomically: uint8 images `[n, H, W, 3]`, int64 labels `[n]` and what made them
+    (the options hash, and the rows per network call, which decide the last bits)."""
     images = np.ascontiguousarray(images)
     labels = np.asarray(labels, dtype=np.int64)
     assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3, images.shape
     assert labels.shape == (images.shape[0],), (labels.shape, images.shape)
     with atomic_open(path, "wb") as handle:
         np.savez(handle, images=images, labels=labels, start=np.int64(start),
-                 options_hash=np.array(options_hash), batch_size=np.int64(batch_size))
+                 options_hash=np.array(options_hash), network_batch=np.int64(network_batch))
 
 
 def read_shard_meta(path: str | os.PathLike) -> dict:
@@ -73,7 +74,8 @@ def read_shard_meta(path: str | os.PathLike) -> dict:
             shape, _, dtype = _read_npy_header(f)
     with np.load(path) as z:
         return {"start": int(z["start"]), "count": int(shape[0]), "image_shape": tuple(shape[1:]),
-                "dtype": dtype, "options_hash": str(z["options_hash"]), "batch_size": int(z["batch_size"])}
+                "dtype": dtype, "options_hash": str(z["options_hash"]),
+                "network_batch": int(z["network_batch"])}
 
 
 def shard_is_valid(path: str | os.PathLike, start: int, count: int, image_shape: Sequence[int],

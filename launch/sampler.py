@@ -6,10 +6,13 @@ What makes the output reproducible and restartable:
   from a balanced shuffled list or a file). Nothing depends on which rank computes it.
 - The indices are cut into shards of `shard_size`. A shard is computed in batches of exactly
   `batch_size` samples (its last batch is filled up with the following indices, computed and
-  dropped), so every network call of index i sees the same batch size whatever the world size, the
+  dropped), and every network call sees exactly `network_batch` rows (default: the batch size; a
+  batch is cut into such chunks, the last one padded with copies of its last row). So every
+  network call of index i has the same number of rows whatever the world size, the batch size, the
   shard's position or N. On this CPU conv and linear layers give different last bits for different
-  batch sizes (but not for different batch companions), so this is what makes the output bitwise
-  independent of the world size; see docs/sampling.md for exactly what holds.
+  numbers of rows (but not for different companion rows), so this is what makes the output bitwise
+  independent of the world size and, for a fixed network batch, of the batch size; see
+  docs/sampling.md for exactly what holds.
 - Each finished shard is written atomically with a hash of every option that changes the pixels;
   a restarted job keeps the shards whose hash matches and computes the rest.
 - Rank 0 streams the shards into the final `.npz` one at a time, then writes `grid.png` and
@@ -64,12 +67,15 @@ class SampleOptions:
     `labels`: "uniform" (i.i.d. per index, as the original draws them), "balanced" (every class
     equally often, shuffled) or a file (.npy, .npz arr_1/first array, or text, one label a line).
     `num_samples` None: all rows of `upsample_from` (required otherwise).
+    `network_batch`: rows per network call (None: `batch_size`). Fix it to get the same bits for
+    any `batch_size` (a batch runs as ceil(batch_size / network_batch) calls per step).
     """
 
     model: str
     out: str
     num_samples: int | None = None
     batch_size: int = 16
+    network_batch: int | None = None
     steps: str = "250"
     sampler: str | None = None
     eta: float = 0.0
@@ -102,6 +108,9 @@ def _check_options(o: SampleOptions) -> None:
         raise ValueError(f"num_samples must be >= 1, got {o.num_samples}")
     if int(o.batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {o.batch_size}")
+    if o.network_batch is not None and not 1 <= int(o.network_batch) <= int(o.batch_size):
+        raise ValueError(f"network_batch must be between 1 and the batch size ({o.batch_size}), got "
+                         f"{o.network_batch}: lower --network-batch or raise --batch-size")
     if int(o.shard_size) < 1:
         raise ValueError(f"shard_size must be >= 1, got {o.shard_size}")
     if o.sampler is not None and o.sampler not in SAMPLERS:
@@ -338,10 +347,12 @@ class GuidedSampler:
     def __init__(self, model: nn.Module, model_preset, *, steps: str = "250", sampler: str | None = None,
                  eta: float = 0.0, classifier: nn.Module | None = None,
                  classifier_scale: float | str | None = None, cfg_scale: float | str | None = None,
-                 precision: str = "fp32", clip_denoised: bool = True, device: torch.device | str = "cpu"):
+                 precision: str = "fp32", clip_denoised: bool = True, device: torch.device | str = "cpu",
+                 network_batch: int | None = None):
         from diffusion_core.guidance import guided_sampling, parse_guidance_scale
 
         self.device = torch.device(device)
+        self.network_batch = None if network_batch is None else int(network_batch)
         self.preset = model_preset
         cfg = model_preset.model
         self.diffusion = dataclasses.replace(model_preset.diffusion, timestep_respacing=str(steps)).build()
@@ -381,7 +392,27 @@ class GuidedSampler:
         return kwargs
 
     def step(self, x: torch.Tensor, i: int, model_kwargs: dict, noise: torch.Tensor | None) -> dict:
-        """One reverse step from respaced index i; returns the diffusion core's dict (`sample`, ...)."""
+        """One reverse step from respaced index i; returns the diffusion core's dict (`sample`, ...).
+
+        With a `network_batch` other than the batch's size the step runs chunk by chunk, each chunk
+        padded to exactly `network_batch` rows (copies of its last row, computed and dropped): the
+        step of a row is independent of the other rows, and kernels then always see the same shape.
+        """
+        n, c = x.shape[0], self.network_batch
+        if c is None or c == n:
+            return self._step(x, i, model_kwargs, noise)
+        parts = []
+        for start in range(0, n, c):
+            stop = min(start + c, n)
+
+            def rows(v):
+                return _padded_rows(v, start, stop, c) if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v
+
+            out = self._step(rows(x), i, {k: rows(v) for k, v in model_kwargs.items()}, rows(noise))
+            parts.append({k: v[: stop - start] for k, v in out.items() if torch.is_tensor(v) and v.ndim})
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _step(self, x: torch.Tensor, i: int, model_kwargs: dict, noise: torch.Tensor | None) -> dict:
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         with torch.no_grad():
             if self.kind == "ddim":
@@ -414,6 +445,14 @@ class GuidedSampler:
         return x
 
 
+def _padded_rows(v: torch.Tensor, start: int, stop: int, rows: int) -> torch.Tensor:
+    """Rows start:stop of `v`, filled up to `rows` rows with copies of the last one."""
+    part = v[start:stop]
+    if part.shape[0] == rows:
+        return part
+    return torch.cat([part, part[-1:].expand(rows - part.shape[0], *part.shape[1:])])
+
+
 # --------------------------------------------------------------------------------------------
 # the job
 # --------------------------------------------------------------------------------------------
@@ -436,6 +475,8 @@ class _Job:
         self.o, self.info = options, info
         self.device = torch.device(options.device) if options.device else info.device
         self.out = Path(options.out)
+        # The rows of every network call: what decides the last bits of the samples.
+        self.network_batch = int(options.network_batch or options.batch_size)
 
     # ---- set-up: load, check, hash
     def prepare(self) -> None:
@@ -507,7 +548,8 @@ class _Job:
             clf = torch.compile(clf, mode=mode) if clf is not None else None
         self.sampler = GuidedSampler(model, mp, steps=o.steps, sampler=o.sampler, eta=o.eta, classifier=clf,
                                      classifier_scale=o.classifier_scale, cfg_scale=o.cfg_scale,
-                                     precision=o.precision, clip_denoised=o.clip_denoised, device=self.device)
+                                     precision=o.precision, clip_denoised=o.clip_denoised, device=self.device,
+                                     network_batch=self.network_batch)
         h = mp.model.image_size
         self.image_shape = (h, h, 3)
         self.num_shards = math.ceil(o.num_samples / o.shard_size)
@@ -518,10 +560,11 @@ class _Job:
     def _content(self) -> dict:
         """Everything that changes the pixels or their order; the options hash is its sha256.
 
-        Not in it: the world size and the shard size (they only decide who computes what), and the
-        batch size: it changes the last bits of conv/linear results (docs/sampling.md), so samples of
-        two batch sizes agree only to about one uint8 level; a restart with another batch size is
-        reported, not refused (a preempted job may have to continue on smaller GPUs).
+        Not in it: the world size, the shard size and the batch size (they only decide who computes
+        what, and when), and the network batch: it changes the last bits of conv/linear results
+        (docs/sampling.md), so samples of two network batches agree only to about one uint8 level; a
+        restart with another one is reported, not refused (a preempted job may have to continue on
+        smaller GPUs).
         """
         o = self.o
         return {
@@ -584,22 +627,22 @@ class _Job:
             return None
         sf.remove_stale_temporaries(out)
         atomic_write_json(out / sf.SHARD_DIR / _RUN_FILE, {"options_hash": self.hash, "content": self.content})
-        pending, batch_sizes = [], set()
+        pending, network_batches = [], set()
         for k in range(self.num_shards):
             start, count = self._shard_range(k)
             path = sf.shard_path(out, k)
             if path.is_file() and sf.shard_is_valid(path, start, count, self.image_shape, self.hash):
-                batch_sizes.add(sf.read_shard_meta(path)["batch_size"])
+                network_batches.add(sf.read_shard_meta(path)["network_batch"])
             else:
                 pending.append(k)
         done = self.num_shards - len(pending)
         if done:
             _log(self.info, f"resuming in {out}: {done} of {self.num_shards} shards already done")
-            other = sorted(batch_sizes - {o.batch_size})
+            other = sorted(network_batches - {self.network_batch})
             if other:
-                _log(self.info, f"note: finished shards were made with batch size {other}, this run uses "
-                     f"{o.batch_size}: on a CPU in fp32 those parts would match a batch-size-{o.batch_size} run "
-                     "only to float rounding (docs/sampling.md)")
+                _log(self.info, f"note: finished shards were made with network batch {other}, this run uses "
+                     f"{self.network_batch}: those parts match a network-batch-{self.network_batch} run only to "
+                     f"float rounding (pass --network-batch {other[0]} to continue bitwise; docs/sampling.md)")
         return pending
 
     def _clear(self) -> None:
@@ -663,7 +706,7 @@ class _Job:
                     images.append(imgs[:keep])
                     labels.append(labs[:keep])
                 sf.write_shard(sf.shard_path(self.out, k), np.concatenate(images), np.concatenate(labels),
-                               start, self.hash, o.batch_size)
+                               start, self.hash, self.network_batch)
         finally:
             if self.bar is not None:
                 self.bar.close()
@@ -688,6 +731,7 @@ class _Job:
             "num_classes": self.num_classes, "sampler": self.sampler.kind, "num_steps": self.sampler.num_steps,
             "classifier_scale": self.content["classifier_scale"], "labels": o.labels or self.labels.kind,
             "content": self.content, "world_size": self.info.world_size, "device": str(self.device),
+            "network_batch": self.network_batch,
             "torch": torch.__version__, "seconds_last_run": round(seconds, 3),
         })
         atomic_write_json(out / "options.json", options)
@@ -715,7 +759,8 @@ def sample(options: SampleOptions) -> Path:
             _log(info, f"{job.npz_path} is already complete")
             return job.npz_path
         _log(info, f"{options.num_samples} samples in {job.num_shards} shards of {options.shard_size}; "
-                   f"{len(pending)} to compute on {info.world_size} process(es), batch {options.batch_size}, "
+                   f"{len(pending)} to compute on {info.world_size} process(es), batch {options.batch_size} "
+                   f"(network batch {job.network_batch}), "
                    f"{job.sampler.kind} {job.sampler.num_steps} steps, {options.precision} on {job.device}")
         t0 = time.perf_counter()
         job.compute(pending)

@@ -40,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false", help="do not clamp the predicted x0 to [-1, 1]")
     how.add_argument("--rounding", choices=["truncate", "round"], default="truncate",
                      help="float -> uint8: truncate as the original (default) or round to nearest")
-    how.add_argument("--batch-size", type=int, default=16, help="samples per network call on each process")
+    how.add_argument("--batch-size", type=int, default=16, help="samples computed together on each process")
+    how.add_argument("--network-batch", type=int, default=None,
+                     help="rows per network call (default: --batch-size); keep it fixed to get the same bits "
+                          "with any --batch-size")
     how.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="network arithmetic (guidance stays float32)")
     how.add_argument("--allow-slow-precision", action="store_true", help="run bf16/fp16 on a CPU without native support")
     how.add_argument("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"], default="none",

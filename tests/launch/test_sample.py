@@ -107,8 +107,9 @@ def test_guided_file_options_and_agreement_with_the_core_loop(models, tmp_path):
 
 def test_independent_of_shard_layout_and_n_and_close_across_batch_sizes(models, tmp_path):
     """Fixed batch size: bitwise the same for any shard size and N (each sample always meets the
-    networks in a batch of B, with other companions). Other batch sizes: CPU kernels change the last
-    bits with the batch size, so only closeness is promised."""
+    networks in a batch of B, with other companions). Other batch sizes with the default network
+    batch (= the batch size): CPU kernels change the last bits with the rows per call, so only
+    closeness is promised."""
     kw = dict(classifier=models["clf"], steps="3", batch_size=4)
     ref_images, ref_labels = _arrays(sample(_opts(models, tmp_path / "ref", num_samples=7, shard_size=8, **kw)))
     for n, s in ((7, 3), (5, 2)):
@@ -121,6 +122,62 @@ def test_independent_of_shard_layout_and_n_and_close_across_batch_sizes(models, 
         np.testing.assert_array_equal(labels, ref_labels)
         diff = np.abs(images.astype(int) - ref_images.astype(int))
         assert diff.max() <= 1 and (diff == 0).mean() > 0.999, (diff.max(), (diff == 0).mean())
+
+
+def test_bitwise_the_same_for_every_batch_size_with_a_fixed_network_batch(models, tmp_path):
+    """--network-batch fixes the rows of every network call: any batch size (a multiple of it or
+    not, with padded chunks) and any shard layout give the same bytes, guided and class-balanced."""
+    kw = dict(classifier=models["clf"], classifier_scale=4.0, steps="3", labels="balanced", num_samples=9,
+              network_batch=2)
+    ref = _arrays(sample(_opts(models, tmp_path / "b2", batch_size=2, shard_size=4, **kw)))
+    for b, s in ((3, 9), (4, 5), (7, 7), (9, 2)):
+        got = _arrays(sample(_opts(models, tmp_path / f"b{b}s{s}", batch_size=b, shard_size=s, **kw)))
+        np.testing.assert_array_equal(got[0], ref[0], err_msg=f"batch size {b}, shard size {s}")
+        np.testing.assert_array_equal(got[1], ref[1])
+    # And the chunking is only a schedule: batch 2 with network batch 2 is the default mode's run.
+    plain = _arrays(sample(_opts(models, tmp_path / "plain", batch_size=2, shard_size=4,
+                                 **{**kw, "network_batch": None})))
+    np.testing.assert_array_equal(plain[0], ref[0])
+
+
+def test_resuming_with_another_batch_size_keeps_shards_and_names_a_changed_network_batch(models, tmp_path, capsys):
+    out = tmp_path / "r"
+    kw = dict(num_samples=6, shard_size=2, steps="2", keep_shards=True)
+    first = _arrays(sample(_opts(models, out, batch_size=2, **kw)))
+    shards = sorted((out / "shards").glob("*.npz"))
+    for path in shards[1:]:  # as if the job had been stopped after its first shard
+        path.unlink()
+    (out / "options.json").unlink()
+    capsys.readouterr()
+    again = _arrays(sample(_opts(models, out, batch_size=4, network_batch=2, **kw)))
+    printed = capsys.readouterr().out
+    assert "1 of 3 shards already done" in printed and "note:" not in printed
+    np.testing.assert_array_equal(again[0], first[0])
+    for path in sorted((out / "shards").glob("*.npz"))[1:]:
+        path.unlink()
+    (out / "options.json").unlink()
+    sample(_opts(models, out, batch_size=3, **kw))
+    assert "made with network batch [2], this run uses 3" in capsys.readouterr().out
+
+
+def test_network_batch_gives_the_same_float_bits_whatever_the_rows_sampled_together(models):
+    """In float32, not only after uint8 rounding: with network_batch=2 the rows of a batch of 6 (three
+    chunks) and of a batch of 5 (the last chunk padded) equal the same rows sampled two at a time;
+    without it the batch of 6 differs in the last bits (which is why the option exists)."""
+    unet, preset = load_model(models["unet"])
+    clf, _ = load_model(models["clf"])
+    seeds = [sample_seed(3, i) for i in range(6)]
+    labels = torch.tensor([0, 3, 5, 7, 9, 1])
+
+    def run(rows, network_batch):
+        sampler = GuidedSampler(unet, preset, steps="3", classifier=clf, classifier_scale=4.0,
+                                network_batch=network_batch)
+        return sampler.sample(seeds[rows], labels[rows])
+
+    pairs = torch.cat([run(slice(k, k + 2), None) for k in (0, 2, 4)])
+    assert torch.equal(run(slice(0, 6), 2), pairs)
+    assert torch.equal(run(slice(0, 5), 2), pairs[:5])
+    assert not torch.equal(run(slice(0, 6), None), pairs)
 
 
 def test_guidance_changes_samples_and_every_mode_runs(models, tmp_path):
@@ -207,6 +264,8 @@ def test_refusals_and_warnings(models, tmp_path):
         sample(_opts(models, tmp_path / "a", model=str(tmp_path / "nope.pt")))
     with pytest.raises(ValueError, match="batch_size"):
         sample(_opts(models, tmp_path / "a", batch_size=0))
+    with pytest.raises(ValueError, match="network_batch must be between 1 and the batch size"):
+        sample(_opts(models, tmp_path / "a", batch_size=4, network_batch=8))
     # An output folder with other options is refused, and taken over with overwrite.
     sample(_opts(models, tmp_path / "o", num_samples=2, batch_size=2, steps="1"))
     (tmp_path / "o" / "mine.txt").write_text("not the sampler's")

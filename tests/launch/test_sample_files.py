@@ -71,7 +71,7 @@ def test_merge_holds_one_shard_at_a_time(tmp_path):
         images = rng.integers(0, 256, (per, *shape), dtype=np.uint8)
         labels = np.arange(k * per, (k + 1) * per, dtype=np.int64)
         path = sf.shard_path(tmp_path, k)
-        sf.write_shard(path, images, labels, start=k * per, options_hash="h", batch_size=8)
+        sf.write_shard(path, images, labels, start=k * per, options_hash="h", network_batch=8)
         files.append(path)
         expect.append(images[:2].copy())
     shard_bytes = per * int(np.prod(shape))
@@ -104,9 +104,9 @@ def test_open_npz_array_reads_compressed_files_too(tmp_path):
 def test_shard_validation_and_stale_temporaries(tmp_path):
     images = np.zeros((3, 4, 4, 3), np.uint8)
     path = sf.shard_path(tmp_path, 2)
-    sf.write_shard(path, images, np.array([1, 2, 3]), start=6, options_hash="abc", batch_size=2)
+    sf.write_shard(path, images, np.array([1, 2, 3]), start=6, options_hash="abc", network_batch=2)
     assert sf.read_shard_meta(path) == {"start": 6, "count": 3, "image_shape": (4, 4, 3), "dtype": np.uint8,
-                                        "options_hash": "abc", "batch_size": 2}
+                                        "options_hash": "abc", "network_batch": 2}
     assert sf.shard_is_valid(path, 6, 3, (4, 4, 3), "abc")
     assert not sf.shard_is_valid(path, 6, 3, (4, 4, 3), "other options")
     assert not sf.shard_is_valid(path, 3, 3, (4, 4, 3), "abc")
