@@ -64,7 +64,9 @@ def test_signalled_training_requeues_and_resumes_to_the_same_weights(cluster, sh
     log = (tmp_path / "logs" / f"{job_id}_0_log.out").read_text()
     assert final[job_id] == "COMPLETED", log[-3000:]
     assert int(jobs.show_job(job_id)["Restarts"]) >= 1
-    assert "stopped early" in log and "Requeued job" in log, log[-3000:]
+    # submitit logs "Requeued job" only after `scontrol requeue` returns, and the requeue itself may kill the
+    # task first; the restart count above is SLURM's own record that the job was requeued.
+    assert "stopped early" in log and "Calling checkpoint method" in log, log[-3000:]
     train_log = (tmp_path / "run" / "log.txt").read_text()
     stopped_at = int(re.search(r"stopping at step (\d+)", train_log).group(1))
     assert 2 <= stopped_at < 8 and f"(step {stopped_at})" in train_log  # resumed from that checkpoint
