@@ -10,7 +10,9 @@ work, so the 250-step figure is extrapolated from `--measure-steps` timed steps 
 FLOPs per sample-step are counted once with torch's FlopCounterMode (model forward, classifier
 forward and its input-gradient backward); MFU = counted FLOP/s / peak, where the peak is a measured
 fp32 matmul on CPU and the datasheet dense bf16 peak on a GPU (--peak-tflops to override).
-Printed ratios: DDIM-25 vs DDPM-250 samples/s, guided vs unguided step time.
+Printed ratios: DDIM-25 vs DDPM-250 samples/s, guided vs unguided step time, and with
+--network-batch C the guided step time of the batch run as chunks of C rows over one call of the
+whole batch (the price of the sampler's batch-size-independent mode).
 """
 from __future__ import annotations
 
@@ -63,11 +65,12 @@ def build_networks(model_name: str, clf_name: str | None, device, compile_mode: 
     return model, clf
 
 
-def make_sampler(model_name: str, networks, steps: str, device, precision: str, guided: bool = True) -> GuidedSampler:
+def make_sampler(model_name: str, networks, steps: str, device, precision: str, guided: bool = True,
+                 network_batch: int | None = None) -> GuidedSampler:
     """The job's GuidedSampler over shared networks; `guided=False` leaves the classifier out."""
     model, clf = networks
     sampler = GuidedSampler(model, presets.get(model_name), steps=steps, classifier=clf if guided else None,
-                            precision=precision, device=device)
+                            precision=precision, device=device, network_batch=network_batch)
     sampler.networks = (model, clf if guided else None)  # for step_flops
     return sampler
 
@@ -111,7 +114,7 @@ def seconds_per_step(sampler: GuidedSampler, batch: int, num_classes: int, warmu
 
 
 def run_config(label: str, model_name: str, clf_name: str, batch: int, device, precision: str, peak: float,
-               measure_steps: int, compile_mode: str) -> dict:
+               measure_steps: int, compile_mode: str, network_batch: int | None = None) -> dict:
     num_classes = presets.get(model_name).model.num_classes
     nets = build_networks(model_name, clf_name, device, compile_mode)
     guided_ddpm = make_sampler(model_name, nets, str(measure_steps), device, precision)
@@ -121,12 +124,17 @@ def run_config(label: str, model_name: str, clf_name: str, batch: int, device, p
     t_ddim = seconds_per_step(guided_ddim, batch, num_classes)
     unguided = make_sampler(model_name, nets, str(measure_steps), device, precision, guided=False)
     t_plain = seconds_per_step(unguided, batch, num_classes)
+    t_chunked = None
+    if network_batch:
+        chunked = make_sampler(model_name, nets, str(measure_steps), device, precision, network_batch=network_batch)
+        t_chunked = seconds_per_step(chunked, batch, num_classes)
     res = {
         "label": label, "batch": batch, "precision": precision, "compile": compile_mode,
         "gflop_per_sample_step": flops / batch / 1e9,
         "ddpm250_samples_per_s": batch / (t_ddpm * 250), "ddim25_samples_per_s": batch / (t_ddim * 25),
         "mfu_ddpm": flops / t_ddpm / peak, "mfu_ddim": flops / t_ddim / peak,
         "guided_over_unguided_step_time": t_ddpm / t_plain, "measure_steps": measure_steps,
+        "network_batch": network_batch, "chunked_over_whole_step_time": t_chunked and t_chunked / t_ddpm,
     }
     print(f"{label}: batch {batch}, {precision}, compile={compile_mode}: "
           f"{res['gflop_per_sample_step']:.2f} GFLOP per sample-step (guided)\n"
@@ -134,7 +142,9 @@ def run_config(label: str, model_name: str, clf_name: str, batch: int, device, p
           f"MFU {100 * res['mfu_ddpm']:.1f}%\n"
           f"  guided DDIM-25 : {res['ddim25_samples_per_s']:.3f} samples/s, MFU {100 * res['mfu_ddim']:.1f}%\n"
           f"  ratios: DDIM-25 / DDPM-250 samples/s = {res['ddim25_samples_per_s'] / res['ddpm250_samples_per_s']:.2f}; "
-          f"guided / unguided step time = {res['guided_over_unguided_step_time']:.2f}", flush=True)
+          f"guided / unguided step time = {res['guided_over_unguided_step_time']:.2f}"
+          + (f"; network batch {network_batch} / whole batch step time = {res['chunked_over_whole_step_time']:.2f}"
+             if network_batch else ""), flush=True)
     return res
 
 
@@ -148,6 +158,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"])
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU dense peak for MFU")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--network-batch", type=int, default=None,
+                        help="also time the guided step run in chunks of this many rows (adm sample --network-batch)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,18 +176,18 @@ def main(argv=None) -> int:
             batch = args.batch_size or 64
             try:
                 run_config(name.upper(), name, f"{name}-classifier", batch, "cuda", precision, peak,
-                           args.measure_steps or 10, args.compile)
+                           args.measure_steps or 10, args.compile, args.network_batch)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 print(f"{name}: batch {batch} does not fit; retrying with {batch // 2}")
                 run_config(name.upper(), name, f"{name}-classifier", batch // 2, "cuda", precision, peak,
-                           args.measure_steps or 10, args.compile)
+                           args.measure_steps or 10, args.compile, args.network_batch)
             torch.cuda.empty_cache()
         return 0
     peak = cpu_peak_flops()
     print(f"CPU: {torch.get_num_threads()} threads, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, torch {torch.__version__}")
     run_config("tiny (16px, CPU)", "tiny-unet", "tiny-classifier", args.batch_size or 16, "cpu",
-               args.precision or "fp32", peak, args.measure_steps or 50, args.compile)
+               args.precision or "fp32", peak, args.measure_steps or 50, args.compile, args.network_batch)
     return 0
 
 
