@@ -68,8 +68,13 @@ class DemoSettings:
     num_samples: int = 500  # per guidance scale
     ref_samples: int = 1000  # real images in the reference batch
     sample_steps: str = "25"  # 25 respaced ancestral (DDPM) steps; DDIM-25 gave blotchier digits here
-    sample_batch: int = 50
-    scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
+    # Samples do not depend on the batch (every index has its own noise); 250 sampled 26% faster
+    # than 50 at 16 px and 40% faster at 8 px on two cores.
+    sample_batch: int = 250
+    # 16 and 32: with ten classes p(y|x) saturates sooner than with ImageNet's thousand, and 25
+    # respaced steps give the gradient ~20-40% less weight than 250 do, so the paper's trade-off
+    # (its unconditional model: scale 10) shows here at 16-32. At 64 precision fell again.
+    scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
     seed: int = 0
 
     @classmethod
@@ -251,7 +256,7 @@ class Demo:
         path = sample(SampleOptions(
             model=str(self.paths["unet"]), classifier=str(self.paths["classifier"]), classifier_scale=float(scale),
             num_samples=s.num_samples, batch_size=s.sample_batch, steps=s.sample_steps, labels="balanced",
-            seed=s.seed, out=str(out), shard_size=2 * s.sample_batch,  # the unit of resume
+            seed=s.seed, out=str(out), shard_size=s.sample_batch,  # the unit of resume
             progress=sys.stderr.isatty(), grid_size=0))
         return {"file": str(path.relative_to(self.out))}
 

@@ -96,7 +96,7 @@ def test_settings_overrides():
 
 def test_quick_is_smaller_than_full():
     q, f = demo.DemoSettings.quick(), demo.DemoSettings.full()
-    assert q.scales == f.scales == (0.0, 1.0, 2.0, 4.0, 8.0)
+    assert q.scales == f.scales == (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
     assert q.unet_steps <= f.unet_steps and q.classifier_steps <= f.classifier_steps
     assert q.num_samples <= f.num_samples
 
