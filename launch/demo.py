@@ -16,8 +16,9 @@ It runs the real stages, in order, each through the same library call its `adm` 
                the metrics against the scale, per-class sample grids per scale
 
 and shows the paper's point: classifier guidance trades diversity (recall) for class fidelity
-(accuracy, precision). Every stage leaves a marker in OUT/stages/ when it is done, so a rerun skips
-finished stages (and the training and sampling jobs themselves resume inside a stage).
+(accuracy, precision; the 8 px `--quick` run shows accuracy and FID only, see docs/demo.md). Every
+stage leaves a marker in OUT/stages/ when it is done, so a rerun skips finished stages (and the
+training and sampling jobs themselves resume inside a stage).
 """
 from __future__ import annotations
 
@@ -307,29 +308,45 @@ class Demo:
 # ----------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------
-def check_guidance(sweep: list[dict], chance: float = 0.1) -> list[str]:
+def check_guidance(sweep: list[dict], chance: float = 0.1, precision_recall: bool = True) -> list[str]:
     """What fails of the guidance effect the demo must show; empty: guidance works.
 
     Class accuracy about chance at scale 0 (< 2.5x chance: unguided samples carry labels drawn
     independently of the image), far above it at the largest scale (> 0.6), rising with the scale
     (0.03 slack between neighbouring scales for sampling noise), and a lower FID at the largest
-    scale than at scale 0. Precision and recall are not checked: at scales up to 8 they move by a
-    few hundredths either way in these runs (see docs/demo.md), as for the paper's unconditional
-    model at scale 1 (its Table 4: precision 0.61 -> 0.56, recall 0.63 -> 0.65).
+    scale than at scale 0.
+
+    With `precision_recall` (the full run), also the paper's trade-off: precision at the largest
+    scale above scale 0's and recall at the largest scale below scale 0's, both without slack. Both
+    compare with scale 0, as the paper's Table 4 compares guided with unguided sampling; recall is
+    not compared with its peak because a rise at small scales is real here (the unconditional UNet
+    under-produces some digits, e.g. about 1% ones against 10% of real digits, and balanced labels
+    restore them, see docs/demo.md) and a fall from the peak alone would not show a loss against
+    unguided sampling. `--quick` passes False: at 8 px and 250 samples per scale the trade-off is
+    not there to check (precision falls with the scale in every feature space tried, recall rises;
+    docs/demo.md has the measurements).
     """
     sweep = sorted(sweep, key=lambda r: r["scale"])
     if len(sweep) < 2 or sweep[0]["scale"] != 0:
         return [f"need scale 0 and at least one larger scale, got {[r['scale'] for r in sweep]}"]
     acc = [r["class_accuracy"] for r in sweep]
+    first, last = sweep[0], sweep[-1]
     fails = []
     if acc[0] >= 2.5 * chance:
         fails.append(f"class accuracy at scale 0 is {acc[0]:.3f}, not about chance ({chance:g})")
     if acc[-1] <= 0.6:
-        fails.append(f"class accuracy at scale {sweep[-1]['scale']:g} is {acc[-1]:.3f}, not far above chance")
+        fails.append(f"class accuracy at scale {last['scale']:g} is {acc[-1]:.3f}, not far above chance")
     if any(b < a - 0.03 for a, b in zip(acc, acc[1:])):
         fails.append(f"class accuracy does not rise with the scale: {[round(a, 3) for a in acc]}")
-    if not sweep[-1]["fid"] < sweep[0]["fid"]:
-        fails.append(f"FID does not improve: {sweep[0]['fid']:.2f} -> {sweep[-1]['fid']:.2f}")
+    if not last["fid"] < first["fid"]:
+        fails.append(f"FID does not improve: {first['fid']:.2f} -> {last['fid']:.2f}")
+    if precision_recall:
+        if not last["precision"] > first["precision"]:
+            fails.append(f"precision does not rise: {first['precision']:.3f} at scale 0, "
+                         f"{last['precision']:.3f} at scale {last['scale']:g}")
+        if not last["recall"] < first["recall"]:
+            fails.append(f"recall does not fall: {first['recall']:.3f} at scale 0, "
+                         f"{last['recall']:.3f} at scale {last['scale']:g}")
     return fails
 
 

@@ -91,7 +91,7 @@ def test_readme_quick_start_runs(tmp_path_factory):
             assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
             assert "guidance works" in run.stdout, run.stdout[-3000:]
             report = json.loads((out / "report" / "report.json").read_text())
-            assert demo.check_guidance(report["guidance_sweep"]) == []
+            assert demo.check_guidance(report["guidance_sweep"], precision_recall=False) == []
         elif command == "make test":
             if not _make_supports("test", "PYTEST_ARGS"):
                 pytest.skip("the Makefile's test target takes no PYTEST_ARGS yet, so it cannot avoid running itself")

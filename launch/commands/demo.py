@@ -1,5 +1,5 @@
 """The whole pipeline on 5,000 real MNIST digits in minutes on a CPU: prepare shards, train an
-unconditional ADM UNet and a noisy classifier, sample at classifier scales 0, 1, 2, 4, 8, evaluate
+unconditional ADM UNet and a noisy classifier, sample at classifier scales 0, 1, 2, 4, 8, 16, 32, evaluate
 (class accuracy, FID with domain features, precision, recall) and write a report.
 
 Rerunning the same command skips the stages already finished. See docs/demo.md.
@@ -28,15 +28,23 @@ def run(args: argparse.Namespace) -> int:
     report = run_demo(args.out, quick=args.quick, overrides=sets, threads=args.threads)
     print()
     print(summary_table(report))
-    fails = check_guidance(report["guidance_sweep"])
+    # The 8 px quick run does not show the precision / recall trade-off (docs/demo.md), so only
+    # the full run is held to it.
+    fails = check_guidance(report["guidance_sweep"], precision_recall=not args.quick)
     first, last = report["guidance_sweep"][0], report["guidance_sweep"][-1]
     if fails:
         print("\nguidance did NOT show the expected effect: " + "; ".join(fails))
     else:
         print(f"\nguidance works: class accuracy {first['class_accuracy']:.2f} -> {last['class_accuracy']:.2f} "
               f"(chance 0.10), FID {first['fid']:.1f} -> {last['fid']:.1f} (scale {first['scale']:g} -> {last['scale']:g})")
-    print(f"precision {first['precision']:.2f} -> {last['precision']:.2f}, recall {first['recall']:.2f} -> "
-          f"{last['recall']:.2f}: at these scales they move little (docs/demo.md)")
+    if args.quick:
+        trend = "not checked at 8 px, where guidance does not show the paper's trade-off"
+    elif any("precision" in f or "recall" in f for f in fails):
+        trend = "NOT the paper's trade-off"
+    else:
+        trend = "the paper's trade-off (precision up, recall down)"
+    print(f"precision {first['precision']:.3f} -> {last['precision']:.3f}, recall {first['recall']:.3f} -> "
+          f"{last['recall']:.3f}: {trend} (docs/demo.md)")
     seconds = report.get("stage_seconds", {})
     print(f"stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     print(f"\nreport: {Path(args.out) / 'report' / 'report.html'} (also report.md, report.json)")
