@@ -69,8 +69,9 @@ class DemoSettings:
     num_samples: int = 500  # per guidance scale
     ref_samples: int = 1000  # real images in the reference batch
     sample_steps: str = "25"  # 25 respaced ancestral (DDPM) steps; DDIM-25 gave blotchier digits here
-    # Samples do not depend on the batch (every index has its own noise); 250 sampled 26% faster
-    # than 50 at 16 px and 40% faster at 8 px on two cores.
+    # Every index has its own noise, so the batch changes the speed, not the digits (the uint8
+    # samples came out identical at 50 and 250 here); 250 sampled 26% faster than 50 at 16 px and
+    # 40% faster at 8 px on two cores.
     sample_batch: int = 250
     # 16 and 32: with ten classes p(y|x) saturates sooner than with ImageNet's thousand, and 25
     # respaced steps give the gradient ~20-40% less weight than 250 do, so the paper's trade-off
@@ -323,8 +324,8 @@ def check_guidance(sweep: list[dict], chance: float = 0.1, precision_recall: boo
     under-produces some digits, e.g. about 1% ones against 10% of real digits, and balanced labels
     restore them, see docs/demo.md) and a fall from the peak alone would not show a loss against
     unguided sampling. `--quick` passes False: at 8 px and 250 samples per scale the trade-off is
-    not there to check (precision falls with the scale in every feature space tried, recall rises;
-    docs/demo.md has the measurements).
+    not there to check (precision at scale 32 is below scale 0's in the domain features and does not
+    rise in any other feature space tried; docs/demo.md has the measurements).
     """
     sweep = sorted(sweep, key=lambda r: r["scale"])
     if len(sweep) < 2 or sweep[0]["scale"] != 0:
