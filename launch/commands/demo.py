@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     elif any("precision" in f or "recall" in f for f in fails):
         trend = "NOT the paper's trade-off"
     else:
-        trend = "the paper's trade-off (precision up, recall down)"
+        trend = "the paper's trade-off, precision up and recall down"
     print(f"precision {first['precision']:.3f} -> {last['precision']:.3f}, recall {first['recall']:.3f} -> "
           f"{last['recall']:.3f}: {trend} (docs/demo.md)")
     seconds = report.get("stage_seconds", {})
