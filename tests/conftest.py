@@ -6,6 +6,18 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for tests of tiny tensors: on a shared 2-core machine more threads
+    only add hand-off latency and OpenMP spin-waiting against other processes."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

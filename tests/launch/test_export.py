@@ -20,13 +20,7 @@ from tests.launch.test_train_data import digit_shards
 KEYS_FILE = Path(__file__).resolve().parents[1] / "core" / "data" / "released_checkpoint_keys.txt"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two shared cores: one intra-op thread avoids OpenMP spin-waiting against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def released_keys() -> dict[str, list[tuple[str, tuple[int, ...]]]]:

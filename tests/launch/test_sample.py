@@ -52,13 +52,7 @@ def models(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: a second intra-op thread only adds contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _opts(models, out, **kw):

@@ -18,13 +18,7 @@ from launch.strategies import TorchStrategy, deepspeed_config
 from launch.train_loop import lr_at, prepare_run_dir
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two shared cores: one intra-op thread avoids OpenMP spin-waiting against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def resolved(kind="diffusion", sets=(), file=None, **flags):
