@@ -229,6 +229,12 @@ def _is_tracing() -> bool:
 class _Encoder(nn.Module):
     """Shared constructor of the encoder half and the middle block (UNet and classifier)."""
 
+    def _build_time_embed(self, model_channels: int) -> int:
+        """ADM's timestep MLP (sinusoids of `model_channels` -> 4x that width); returns the width."""
+        emb_dim = model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        return emb_dim
+
     def _build_encoder(self, cfg, emb_dim: int, in_channels: int, num_heads: int, num_head_channels: int) -> list[int]:
         mult = cfg.resolved_channel_mult()
         attn_ds = cfg.attention_downsample_rates()
@@ -326,10 +332,7 @@ class UNetModel(_Encoder):
         if not isinstance(config, UNetConfig):
             raise ValueError(f"UNetModel needs a UNetConfig, got {type(config).__name__}")
         self.config = cfg = config
-        emb_dim = cfg.model_channels * 4
-        self.time_embed = nn.Sequential(
-            nn.Linear(cfg.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        emb_dim = self._build_time_embed(cfg.model_channels)
         if cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes + int(cfg.null_class), emb_dim)
         in_ch = cfg.in_channels * (2 if cfg.super_resolution else 1)
@@ -437,10 +440,7 @@ class EncoderUNet(_Encoder):
         if not isinstance(config, ClassifierConfig):
             raise ValueError(f"EncoderUNet needs a ClassifierConfig, got {type(config).__name__}")
         self.config = cfg = config
-        emb_dim = cfg.model_channels * 4
-        self.time_embed = nn.Sequential(
-            nn.Linear(cfg.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        emb_dim = self._build_time_embed(cfg.model_channels)
         chans = self._build_encoder(cfg, emb_dim, cfg.in_channels, 1, cfg.num_head_channels)
         ch = chans[-1]
         if cfg.pool == "attention":
