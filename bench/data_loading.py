@@ -33,7 +33,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.classes import imagenet_wnids  # noqa: E402
-from data.fileio import atomic_write_bytes  # noqa: E402
+from runtime.files import atomic_write_bytes  # noqa: E402
 from data.loader import ShardLoader  # noqa: E402
 from data.prepare import prepare_imagenet  # noqa: E402
 from data.transforms import center_crop_arr, decode_image, simplejpeg_matches_pillow  # noqa: E402

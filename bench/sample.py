@@ -3,7 +3,7 @@
     .venv/bin/python bench/sample.py                      # CPU, tiny models, fp32
     .venv/bin/python bench/sample.py --gpu                # ADM-64 and ADM-256 + classifiers, bf16
 
-Times `launch.sampler.GuidedSampler.sample` (the job's inner loop: per-sample CPU noise with
+Times `launch.sample.sampler.GuidedSampler.sample` (the job's inner loop: per-sample CPU noise with
 prefetch, guided model call, classifier gradient, diffusion step) on randomly initialised networks,
 for guided 250-step DDPM and guided DDIM-25. A DDPM step and a DDIM step cost the same network
 work, so the 250-step figure is extrapolated from `--measure-steps` timed steps (printed as such).
@@ -27,7 +27,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion_core import presets  # noqa: E402
-from launch.sampler import GuidedSampler, sample_seed  # noqa: E402
+from launch.choices import COMPILE_MODES  # noqa: E402
+from launch.sample.guided import GuidedSampler  # noqa: E402
+from launch.sample.options import sample_seed  # noqa: E402
 
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 64 on GPU")
     parser.add_argument("--precision", default=None, help="default: fp32 on CPU, bf16 on GPU")
     parser.add_argument("--measure-steps", type=int, default=None, help="timed DDPM steps (default 50 CPU, 10 GPU)")
-    parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"])
+    parser.add_argument("--compile", default="none", choices=COMPILE_MODES)
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU dense peak for MFU")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--network-batch", type=int, default=None,

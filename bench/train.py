@@ -36,14 +36,14 @@ GPU_MODELS = [
 
 
 def free_port() -> int:
-    from launch.distributed import free_port as port
+    from runtime.distributed import free_port as port
 
     return port()
 
 
 def make_shards(folder: Path, size: int, per_class: int) -> Path:
     """Real shards of MNIST digits padded to `size` pixels (made once, reused)."""
-    from data.demo_dataset import write_digit_folders
+    from data.digits import write_digit_folders
     from data.prepare import prepare_imagenet
 
     src, out = folder / f"digits{size}-src", folder / f"digits{size}"

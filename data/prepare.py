@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data.classes import imagenet_wnids
-from data.fileio import atomic_open, atomic_write_json
+from runtime.files import atomic_open, atomic_write_json
 from data.shards import MANIFEST_FORMAT, MANIFEST_NAME
 from data.sources import Source, SourceItem, read_item, scan_source
 from data.transforms import _halve_while_large, center_crop_arr

@@ -1,4 +1,6 @@
-"""Gaussian diffusion as in ADM: schedules, respacing, the hybrid loss, DDPM and DDIM samplers.
+# Over 600 lines by choice: one object holds the process's forward, reverse, loss and loop maths, read in one place.
+"""Gaussian diffusion as in ADM: the process, the hybrid loss, DDPM and DDIM samplers (schedules and
+respacing in schedules.py, likelihood terms in likelihood.py, per-sample noise in noise.py).
 
 All schedule tables are float64 numpy arrays. Per-timestep coefficients are gathered from
 float64 torch copies and cast to the dtype of the tensor they multiply, so float32 inputs give the
@@ -22,9 +24,13 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-NOISE_SCHEDULES = ("linear", "cosine")
-# The original clamps cosine betas here so the last step cannot destroy all signal at once.
-_COSINE_MAX_BETA = 0.999
+from diffusion_core.likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from diffusion_core.noise import PerSampleNoise
+from diffusion_core.schedules import NOISE_SCHEDULES, get_named_beta_schedule, space_timesteps
+
+__all__ = ["DiffusionConfig", "GaussianDiffusion", "NOISE_SCHEDULES", "PerSampleNoise", "create_diffusion",
+           "discretized_gaussian_log_likelihood", "get_named_beta_schedule", "mean_flat", "normal_kl",
+           "space_timesteps"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,198 +100,6 @@ def create_diffusion(
         model_var_type=var_type,
         loss_type=loss_type,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Schedules and respacing
-
-
-def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
-    """Return the float64 betas of the "linear" or "cosine" schedule with `num_timesteps` steps.
-
-    linear: evenly spaced from 1e-4 * 1000/T to 0.02 * 1000/T (so any T has the same endpoints
-    in continuous time). cosine: beta_i = min(1 - abar((i+1)/T) / abar(i/T), 0.999) with
-    abar(s) = cos((s + 0.008) / 1.008 * pi / 2)^2.
-    """
-    if name == "linear":
-        if num_timesteps <= 20:
-            # beta_max = 0.02 * 1000 / T reaches 1 at T = 20: x_T would carry no signal at all.
-            raise ValueError(
-                f"the linear schedule needs steps > 20 (its last beta is 20/steps), got {num_timesteps}; "
-                f"use more steps or noise_schedule='cosine'"
-            )
-        scale = 1000.0 / num_timesteps
-        return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
-    if name == "cosine":
-
-        def abar(s: float) -> float:
-            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-
-        betas = [
-            min(1.0 - abar((i + 1) / num_timesteps) / abar(i / num_timesteps), _COSINE_MAX_BETA)
-            for i in range(num_timesteps)
-        ]
-        return np.array(betas, dtype=np.float64)
-    raise ValueError(
-        f"unknown noise_schedule {name!r}; choose one of {', '.join(NOISE_SCHEDULES)}"
-    )
-
-
-def space_timesteps(num_timesteps: int, spec: str | Sequence[int]) -> list[int]:
-    """Return the sorted original timesteps kept by a respacing spec.
-
-    Syntaxes:
-    - "" (or None): keep all `num_timesteps`.
-    - "ddimN": the smallest integer stride s with len(range(0, T, s)) == N; keeps 0, s, 2s, ...
-    - "a,b,c" / "250" / a sequence of ints: split [0, T) into that many sections of equal size
-      (the first T % n sections one longer) and keep `count` evenly spaced points in each,
-      including both ends of the section. The position is a float64 running sum of the stride
-      (size-1)/(count-1) rounded with Python's round (ties to even), which is exactly what the
-      original does (at strides that are not binary fractions the running sum decides ties).
-    """
-    if spec is None or (isinstance(spec, str) and spec.strip() == ""):
-        return list(range(num_timesteps))
-    if isinstance(spec, str):
-        text = spec.strip()
-        if text.startswith("ddim"):
-            try:
-                desired = int(text[len("ddim"):])
-            except ValueError:
-                raise ValueError(
-                    f"timestep_respacing {spec!r}: expected 'ddimN' with an integer N, e.g. 'ddim25'"
-                ) from None
-            if desired < 1:
-                raise ValueError(f"timestep_respacing {spec!r}: N must be >= 1")
-            for stride in range(1, num_timesteps + 1):
-                if len(range(0, num_timesteps, stride)) == desired:
-                    return list(range(0, num_timesteps, stride))
-            raise ValueError(
-                f"timestep_respacing {spec!r}: no integer stride gives exactly {desired} steps out of "
-                f"{num_timesteps}; choose another N (e.g. a divisor of {num_timesteps}) or use "
-                f"'{desired}' for evenly spaced steps"
-            )
-        try:
-            counts = [int(part) for part in text.split(",")]
-        except ValueError:
-            raise ValueError(
-                f"timestep_respacing {spec!r}: expected '', 'ddimN', or comma-separated integers "
-                f"such as '250' or '10,10,10'"
-            ) from None
-    else:
-        counts = [int(c) for c in spec]
-    if not counts:
-        raise ValueError(f"timestep_respacing {spec!r}: no section counts given")
-    if len(counts) > num_timesteps:
-        raise ValueError(
-            f"timestep_respacing {spec!r}: {len(counts)} sections but only {num_timesteps} steps"
-        )
-    size_per, extra = divmod(num_timesteps, len(counts))
-    kept: list[int] = []
-    start = 0
-    for i, count in enumerate(counts):
-        size = size_per + (1 if i < extra else 0)
-        if count < 1:
-            raise ValueError(
-                f"timestep_respacing {spec!r}: section {i} asks for {count} steps; each count must be >= 1"
-            )
-        if count > size:
-            raise ValueError(
-                f"timestep_respacing {spec!r}: section {i} has {size} steps of the {num_timesteps}-step "
-                f"process but asks for {count}; use at most {size} per section"
-            )
-        stride = 1.0 if count == 1 else (size - 1) / (count - 1)
-        position = 0.0
-        for _ in range(count):
-            kept.append(start + round(position))
-            position += stride
-        start += size
-    return sorted(set(kept))
-
-
-# --------------------------------------------------------------------------------------------
-# Gaussian helpers (elementwise; follow the dtype of their inputs)
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over all non-batch dimensions."""
-    return x.mean(dim=tuple(range(1, x.ndim))) if x.ndim > 1 else x
-
-
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
-    tensor = next(v for v in (mean1, logvar1, mean2, logvar2) if isinstance(v, torch.Tensor))
-    logvar1, logvar2 = (
-        v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=tensor.dtype, device=tensor.device)
-        for v in (logvar1, logvar2)
-    )
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
-
-
-def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    """The tanh approximation of the standard normal CDF used by the original decoder."""
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
-
-
-def discretized_gaussian_log_likelihood(x, means, log_scales):
-    """Log-likelihood of 8-bit data x in [-1, 1] under a Gaussian discretized into 256 bins.
-
-    Bins have half-width 1/255; the edge bins (x < -0.999, x > 0.999) extend to -inf / +inf.
-    Probabilities are clamped at 1e-12 before the log so a far-off mean gives a finite NLL.
-    """
-    centered = x - means
-    inv_stdv = torch.exp(-log_scales)
-    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
-    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(
-        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Per-sample randomness
-
-
-class PerSampleNoise:
-    """A `step_noise` callable that draws each sample's noise from that sample's own generator.
-
-    `PerSampleNoise(seeds)` holds one CPU `torch.Generator` per sample (seeded with `seeds[i]`);
-    calling it with a batch tensor `like` returns standard normal noise shaped like `like`, row i
-    drawn from generator i, on `like`'s device and dtype. Rows are therefore independent of the
-    batch size and of the device: splitting a batch gives the same numbers. Pass it as
-    `step_noise=` to the sampling loops and use `.initial(shape)` (or call it) for x_T.
-    """
-
-    def __init__(self, seeds: Sequence[int]):
-        self.generators = []
-        for seed in seeds:
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed(int(seed))
-            self.generators.append(generator)
-
-    def __len__(self) -> int:
-        return len(self.generators)
-
-    def __call__(self, like: torch.Tensor) -> torch.Tensor:
-        if like.shape[0] != len(self.generators):
-            raise ValueError(
-                f"PerSampleNoise holds {len(self.generators)} generators but the batch has "
-                f"{like.shape[0]} samples; build it with one seed per sample"
-            )
-        rows = [
-            torch.randn(tuple(like.shape[1:]), generator=g, dtype=torch.float32)
-            for g in self.generators
-        ]
-        return torch.stack(rows).to(device=like.device, dtype=like.dtype)
-
-    def initial(self, shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
-        """x_T for a batch of `shape`, drawn from the per-sample generators."""
-        return self(torch.empty(tuple(shape), device=device or "cpu", dtype=dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,6 +238,11 @@ class GaussianDiffusion:
         return self._tables_on(t.device)["timestep_map"][t]
 
     def _check_t(self, t, x: torch.Tensor) -> torch.Tensor:
+        """Validate timesteps without waiting for the device (every public method calls this).
+
+        Type, dtype and shape are host metadata; the range is checked with an asynchronous device
+        assert, so a GPU step never stalls on it (on the CPU it fails at once, with the values).
+        """
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"timesteps must be a torch.Tensor of integers, got {type(t).__name__}")
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
@@ -432,12 +251,15 @@ class GaussianDiffusion:
             raise ValueError(
                 f"timesteps must have shape [batch] = [{x.shape[0]}], got {tuple(t.shape)}"
             )
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
-            raise ValueError(
-                f"timesteps out of range: got values in [{int(t.min())}, {int(t.max())}] but this "
-                f"process has {self.num_timesteps} steps (valid 0..{self.num_timesteps - 1}; pass "
-                f"respaced indices, not original timesteps)"
-            )
+        if t.numel():
+            try:
+                torch._assert_async(((t >= 0) & (t < self.num_timesteps)).all(), "timesteps out of range")
+            except RuntimeError:
+                raise ValueError(
+                    f"timesteps out of range: got values in [{int(t.min())}, {int(t.max())}] but this "
+                    f"process has {self.num_timesteps} steps (valid 0..{self.num_timesteps - 1}; pass "
+                    f"respaced indices, not original timesteps)"
+                ) from None
         return t.long()
 
     # ---------------------------------------------------------------- forward process
@@ -457,9 +279,6 @@ class GaussianDiffusion:
             noise = torch.randn_like(x_start)
         if noise.shape != x_start.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}")
-        return self._q_sample(x_start, t, noise)
-
-    def _q_sample(self, x_start, t, noise):
         return (
             self._gather("sqrt_alphas_cumprod", t, x_start) * x_start
             + self._gather("sqrt_one_minus_alphas_cumprod", t, x_start) * noise.to(x_start.dtype)
@@ -468,9 +287,6 @@ class GaussianDiffusion:
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
         t = self._check_t(t, x_t)
-        return self._posterior(x_start, x_t, t)
-
-    def _posterior(self, x_start, x_t, t):
         mean = (
             self._gather("posterior_mean_coef1", t, x_t) * x_start
             + self._gather("posterior_mean_coef2", t, x_t) * x_t
@@ -539,7 +355,7 @@ class GaussianDiffusion:
             pred_xstart = denoised_fn(pred_xstart)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1.0, 1.0)
-        mean, _, _ = self._posterior(pred_xstart, x, t)
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
 
     def p_mean_variance(self, model, x, t, clip_denoised=True, model_kwargs=None, *, denoised_fn=None):
@@ -550,9 +366,6 @@ class GaussianDiffusion:
         pred_xstart before clipping.
         """
         t = self._check_t(t, x)
-        return self._p_mean_variance(model, x, t, clip_denoised, model_kwargs, denoised_fn)
-
-    def _p_mean_variance(self, model, x, t, clip_denoised, model_kwargs, denoised_fn):
         output = self._call_model(model, x, t, model_kwargs)
         return self._p_mean_variance_from_output(output, x, t, clip_denoised, denoised_fn)
 
@@ -561,9 +374,7 @@ class GaussianDiffusion:
 
         The gradient is taken at x_t (not at the mean), as in the paper's Algorithm 1.
         """
-        return self._condition_mean(cond_fn, p_mean_var, x, self._check_t(t, x), model_kwargs)
-
-    def _condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs):
+        t = self._check_t(t, x)
         gradient = cond_fn(x, self.original_timesteps(t), **(model_kwargs or {}))
         mean = p_mean_var["mean"]
         return mean + p_mean_var["variance"].to(mean.dtype) * gradient.to(mean.dtype)
@@ -574,15 +385,13 @@ class GaussianDiffusion:
         Returns a copy of p_mean_var with `pred_xstart` recomputed from eps' (not re-clipped),
         `mean` the posterior mean from it, and `eps` = eps'.
         """
-        return self._condition_score(cond_fn, p_mean_var, x, self._check_t(t, x), model_kwargs)
-
-    def _condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs):
+        t = self._check_t(t, x)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
         gradient = cond_fn(x, self.original_timesteps(t), **(model_kwargs or {}))
         eps = eps - self._gather("sqrt_one_minus_alphas_cumprod", t, x) * gradient.to(x.dtype)
         out = dict(p_mean_var)
         out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
-        out["mean"], _, _ = self._posterior(out["pred_xstart"], x, t)
+        out["mean"], _, _ = self.q_posterior_mean_variance(out["pred_xstart"], x, t)
         out["eps"] = eps
         return out
 
@@ -598,12 +407,9 @@ class GaussianDiffusion:
         t = self._check_t(t, x)
         if noise is not None and noise.shape != x.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x shape {tuple(x.shape)}")
-        return self._p_sample(model, x, t, clip_denoised, cond_fn, model_kwargs, noise, denoised_fn)
-
-    def _p_sample(self, model, x, t, clip_denoised, cond_fn, model_kwargs, noise, denoised_fn):
-        out = self._p_mean_variance(model, x, t, clip_denoised, model_kwargs, denoised_fn)
+        out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs, denoised_fn=denoised_fn)
         if cond_fn is not None:
-            out["mean"] = self._condition_mean(cond_fn, out, x, t, model_kwargs)
+            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs)
         noise = torch.randn_like(x) if noise is None else noise.to(x.dtype)
         nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
@@ -624,12 +430,9 @@ class GaussianDiffusion:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if noise is not None and noise.shape != x.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x shape {tuple(x.shape)}")
-        return self._ddim_sample(model, x, t, clip_denoised, cond_fn, model_kwargs, eta, noise, denoised_fn)
-
-    def _ddim_sample(self, model, x, t, clip_denoised, cond_fn, model_kwargs, eta, noise, denoised_fn):
-        out = self._p_mean_variance(model, x, t, clip_denoised, model_kwargs, denoised_fn)
+        out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs, denoised_fn=denoised_fn)
         if cond_fn is not None:
-            out = self._condition_score(cond_fn, out, x, t, model_kwargs)
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         abar = self._gather("alphas_cumprod", t, x)
         abar_prev = self._gather("alphas_cumprod_prev", t, x)
@@ -646,10 +449,7 @@ class GaussianDiffusion:
         if eta != 0.0:
             raise ValueError(f"ddim_reverse_sample is deterministic: eta must be 0, got {eta}")
         t = self._check_t(t, x)
-        return self._ddim_reverse_sample(model, x, t, clip_denoised, model_kwargs, denoised_fn)
-
-    def _ddim_reverse_sample(self, model, x, t, clip_denoised, model_kwargs, denoised_fn):
-        out = self._p_mean_variance(model, x, t, clip_denoised, model_kwargs, denoised_fn)
+        out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs, denoised_fn=denoised_fn)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         abar_next = self._gather("alphas_cumprod_next", t, x)
         sample = out["pred_xstart"] * torch.sqrt(abar_next) + torch.sqrt(1.0 - abar_next) * eps
@@ -716,7 +516,8 @@ class GaussianDiffusion:
             t = torch.full((shape[0],), i, dtype=torch.long, device=img.device)
             with torch.no_grad():
                 noise_i = draw(img) if i > 0 else torch.zeros_like(img)
-                out = self._p_sample(model, img, t, clip_denoised, cond_fn, model_kwargs, noise_i, denoised_fn)
+                out = self.p_sample(model, img, t, clip_denoised, cond_fn, model_kwargs, noise_i,
+                                    denoised_fn=denoised_fn)
             out["t"] = t
             yield out
             img = out["sample"]
@@ -745,9 +546,8 @@ class GaussianDiffusion:
             t = torch.full((shape[0],), i, dtype=torch.long, device=img.device)
             step_noise_tensor = draw(img) if (eta != 0 and i > 0) else None
             with torch.no_grad():
-                out = self._ddim_sample(
-                    model, img, t, clip_denoised, cond_fn, model_kwargs, eta, step_noise_tensor, denoised_fn
-                )
+                out = self.ddim_sample(model, img, t, clip_denoised, cond_fn, model_kwargs, eta, step_noise_tensor,
+                                       denoised_fn=denoised_fn)
             out["t"] = t
             yield out
             img = out["sample"]
@@ -763,13 +563,13 @@ class GaussianDiffusion:
         for i in indices:
             t = torch.full((x_start.shape[0],), i, dtype=torch.long, device=x_start.device)
             with torch.no_grad():
-                img = self._ddim_reverse_sample(model, img, t, clip_denoised, model_kwargs, None)["sample"]
+                img = self.ddim_reverse_sample(model, img, t, clip_denoised, model_kwargs)["sample"]
         return img
 
     # ---------------------------------------------------------------- losses
 
     def _vb_from_output(self, model_output, x_start, x_t, t, clip_denoised):
-        true_mean, _, true_log_variance = self._posterior(x_start, x_t, t)
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self._p_mean_variance_from_output(model_output, x_t, t, clip_denoised)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])) / math.log(2.0)
         decoder_nll = -mean_flat(
@@ -801,7 +601,7 @@ class GaussianDiffusion:
             noise = torch.randn_like(x_start)
         if noise.shape != x_start.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}")
-        x_t = self._q_sample(x_start, t, noise)
+        x_t = self.q_sample(x_start, t, noise)
         model_output = self._call_model(model, x_t, t, model_kwargs)
         prediction, var_values = self._split_output(model_output, x_start)
         target = x_start if self.model_mean_type == "xstart" else noise.to(x_start.dtype)
@@ -850,7 +650,7 @@ class GaussianDiffusion:
         for i in indices:
             t = torch.full((batch,), i, dtype=torch.long, device=x_start.device)
             noise = draw(x_start)
-            x_t = self._q_sample(x_start, t, noise)
+            x_t = self.q_sample(x_start, t, noise)
             with torch.no_grad():
                 output = self._call_model(model, x_t, t, model_kwargs)
                 out = self._vb_from_output(output, x_start, x_t, t, clip_denoised)

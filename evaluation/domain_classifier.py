@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.fileio import atomic_torch_save
-from evaluation.features import Features
+from runtime.files import atomic_torch_save
 
 FORMAT = "adm-domain-classifier/1"
 
@@ -47,7 +46,7 @@ class DomainClassifier(nn.Module):
     """Stages of two conv-BN-ReLU units (max-pool between stages), global average pool, linear head.
 
     `forward(x)` takes float NCHW in [-1, 1] and returns logits; `__call__`-compatible feature API:
-    `extract(images)` takes uint8 NHWC and returns `Features(pool, None, logits)`.
+    `extract(images)` takes uint8 NHWC and returns `(pool, None, logits)` (evaluation.features wraps it).
     """
 
     def __init__(self, config: DomainClassifierConfig):
@@ -86,13 +85,13 @@ class DomainClassifier(nn.Module):
         return x
 
     @torch.no_grad()
-    def extract(self, images) -> Features:
+    def extract(self, images) -> tuple[torch.Tensor, None, torch.Tensor]:
         """Features of uint8 NHWC images: pool = penultimate activations, logits = class scores."""
         was_training = self.training
         self.eval()
         pool = self.embed(self.to_input(images))
         self.train(was_training)
-        return Features(pool=pool, spatial=None, logits=self.head(pool))
+        return pool, None, self.head(pool)
 
 
 def save_domain_classifier(path: str | os.PathLike, model: DomainClassifier, extra: dict | None = None) -> None:
@@ -155,7 +154,7 @@ def accuracy(model: DomainClassifier, images: np.ndarray, labels: np.ndarray, ba
     """Share of images whose arg-max class equals the label."""
     correct = 0
     for i in range(0, len(images), batch_size):
-        logits = model.extract(images[i:i + batch_size]).logits
+        logits = model.extract(images[i:i + batch_size])[2]
         correct += int((logits.argmax(1).cpu() == torch.as_tensor(labels[i:i + batch_size])).sum())
     return correct / max(1, len(images))
 

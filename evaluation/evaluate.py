@@ -1,7 +1,7 @@
 """The evaluation job: features of a reference batch and a sample file -> IS, FID, sFID, precision,
 recall (+ class accuracy), printed as ADM's evaluator prints them and written to `metrics.json`.
 
-Distributed (torchrun / srun, through `launch.distributed.setup()`): each rank reads its own
+Distributed (torchrun / srun; the caller sets up the process group with `runtime.distributed.setup()`): each rank reads its own
 contiguous slice of each file; FID statistics and Inception-Score sums are float64 sums all-reduced
 across ranks; only the pool features needed for precision/recall are gathered, to rank 0 alone.
 The result does not depend on the number of ranks (up to float64 round-off).
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.fileio import atomic_write_json
+from runtime.files import atomic_write_json
 from evaluation import io as eio
 from evaluation.features import FeatureNetwork, load_feature_network
-from evaluation.metrics import FeatureStats, ScoreSums, frechet_distance, inception_score, precision_recall
+from evaluation.metrics import FeatureStats, ScoreSums, frechet_distance, precision_recall
 
 METRICS_FORMAT = "adm-metrics/1"
 METRIC_NAMES = ("inception_score", "fid", "sfid", "precision", "recall", "class_accuracy")
@@ -44,6 +44,18 @@ def no_tf32():
 
 def _rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
+
+
+def process_group_position() -> tuple[int, int]:
+    """(rank, world size) of the caller's process group; (0, 1) without one."""
+    if _distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def default_device() -> torch.device:
+    """This process's current GPU when there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _distributed() -> bool:
@@ -161,14 +173,12 @@ def evaluate(reference, samples, features: str | FeatureNetwork = "inception", *
     Reference statistics stored in the file (`mu, sigma, mu_s, sigma_s`) are used for Inception
     features unless `use_stored_stats=False`; otherwise they are computed from its images.
     `class_accuracy` is reported when the samples carry labels and the network predicts the dataset's
-    classes. Must be called on every rank when run distributed.
+    classes. Distributed: the caller sets up the process group (`runtime.distributed.setup()`, as
+    `adm evaluate` does) and calls this on every rank; each rank then reads its own rows.
     """
-    from launch.distributed import setup
-
     t0 = time.perf_counter()
-    info = setup()
-    rank, world = info.rank, info.world_size
-    device = torch.device(device) if device is not None else info.device
+    rank, world = process_group_position()
+    device = torch.device(device) if device is not None else default_device()
     reference, samples = Path(reference), Path(samples)
     for p in (reference, samples):
         if not p.is_file():

@@ -30,10 +30,10 @@ def make_reference(shards, out, image_size: int, num_images: int = 10000, stats:
     """Write a reference batch to `out`; returns a summary (`num_images`, `num_seen`, `seconds`).
 
     `stats=False` writes images and labels only (statistics are then computed at evaluation time).
-    `network` overrides the Inception FeatureNetwork (tests). Call on every rank when distributed.
+    `network` overrides the Inception FeatureNetwork (tests). Distributed: the caller sets up the
+    process group (`runtime.distributed.setup()`) and calls this on every rank.
     """
-    from launch.distributed import setup
-    from evaluation.evaluate import no_tf32
+    from evaluation.evaluate import default_device, no_tf32, process_group_position
     from evaluation.shard_images import iter_shard_images, shard_urls
 
     if num_images < 1:
@@ -42,9 +42,8 @@ def make_reference(shards, out, image_size: int, num_images: int = 10000, stats:
         raise ValueError(f"--size must be at least 8 pixels, got {image_size}")
     shard_urls(shards)  # a wrong path fails here, before the network is loaded
     t0 = time.perf_counter()
-    info = setup()
-    rank, world = info.rank, info.world_size
-    device = torch.device(device) if device is not None else info.device
+    rank, world = process_group_position()
+    device = torch.device(device) if device is not None else default_device()
     with no_tf32():
         net = None
         if stats:

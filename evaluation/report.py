@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from runtime.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 # ADM_SPEC §9: the paper's headline numbers and the released 256 px batch's evaluator output.
 PAPER_RESULTS = [

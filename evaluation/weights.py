@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from data.fileio import file_sha256
+from runtime.files import file_sha256
 from evaluation.inception import FIDInception
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"

@@ -1,8 +1,10 @@
 """The `adm` command line.
 
-Each subcommand lives in its own module under `launch/commands/` (or is named here with its module)
-and provides `add_arguments(parser)` and `run(args) -> int`. Only the chosen subcommand's module is
-imported, so `adm --help` is instant and a broken optional dependency of one stage cannot break the others.
+Each subcommand lives in its own module, named in `COMMANDS` by its import path (launch/commands/ for
+the jobs, slurm/commands/ for `submit` and `pipeline`, which drive SLURM), and provides
+`add_arguments(parser)` and `run(args) -> int`. Only the chosen subcommand's module is imported, so
+`adm --help` is instant, a broken optional dependency of one stage cannot break the others, and this
+module never imports the SLURM layer above it.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 
 # name -> (module, one-line help). Order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "make-digits": ("launch.commands.make_digits", "write 5,000 real MNIST digits as class folders (the demo's dataset)"),
     "prepare-imagenet": ("launch.commands.prepare_imagenet", "convert ImageNet (train tar, class folders or val) to WebDataset shards"),
     "inspect-shards": ("launch.commands.inspect_shards", "count, check and preview a folder of shards"),
     "train": ("launch.commands.train", "train an ADM diffusion model (hybrid loss)"),
@@ -21,8 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-reference": ("launch.commands.make_reference", "build a reference batch (.npz with statistics) from shards"),
     "evaluate": ("launch.commands.evaluate", "FID, sFID, IS, precision and recall of a sample file against a reference batch"),
     "report": ("launch.commands.report", "Markdown/HTML report from runs or metrics.json files"),
-    "submit": ("launch.commands.submit", "submit one stage to SLURM through submitit"),
-    "pipeline": ("launch.commands.pipeline", "run prepare -> train -> sample -> evaluate -> report, on SLURM or locally"),
+    "submit": ("slurm.commands.submit", "submit one stage to SLURM through submitit"),
+    "pipeline": ("slurm.commands.pipeline", "run prepare -> train -> sample -> evaluate -> report, on SLURM or locally"),
     "demo": ("launch.commands.demo", "the whole pipeline on small real data in minutes on a CPU"),
 }
 
@@ -37,6 +40,44 @@ def build_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     )
     module.add_arguments(parser)
     return parser, module
+
+
+# Commands that launch jobs themselves make no sense as a stage of a job or a pipeline.
+NOT_STAGES = {"submit", "pipeline"}
+
+
+def stage_commands() -> list[str]:
+    """The `adm` commands that can run as a stage (a SLURM job or a pipeline step), in pipeline order."""
+    return [name for name in COMMANDS if name not in NOT_STAGES]
+
+
+def parse_stage_args(command: str, argv: list[str]) -> tuple[argparse.Namespace, object]:
+    """Parse `argv` with `adm COMMAND`'s own parser; return (namespace, command module).
+
+    Used before anything is submitted or run, so a typo fails in a second, not hours later when the
+    job starts. Raises ValueError naming the command for an unknown command, a command not
+    installed, or options the command rejects.
+    """
+    if command not in COMMANDS:
+        raise ValueError(f"unknown stage {command!r}; stages: {', '.join(stage_commands())}")
+    if command in NOT_STAGES:
+        raise ValueError(f"'adm {command}' submits jobs itself and cannot run as a stage; "
+                         f"stages: {', '.join(stage_commands())}")
+    module_name = COMMANDS[command][0]
+    try:
+        importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        raise ValueError(f"stage {command!r} is not available in this installation ({module_name} is missing)") from None
+    parser, module = build_parser(command)
+
+    def error(message: str) -> None:
+        raise ValueError(f"adm {command}: {message}\n{parser.format_usage().strip()}")
+
+    # argparse would print and exit; the caller decides (and names the stage).
+    parser.error = error  # type: ignore[method-assign]
+    return parser.parse_args([str(a) for a in argv]), module
 
 
 def _usage() -> str:

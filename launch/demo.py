@@ -1,24 +1,26 @@
 """`adm demo`: the whole pipeline on 5,000 real MNIST digits, in minutes on a CPU.
 
-It runs the real stages, in order, each through the same library call its `adm` command makes:
+The demo is a pipeline definition (`demo_pipeline`) run by the same runner as `adm pipeline --local`
+(launch.pipeline.run_local): every stage is the real `adm` command, in its own process, logged in
+OUT/logs/STAGE.log, recorded in OUT/pipeline.json:
 
-  dataset      data.demo_dataset: the digits as an ImageNet-style folder of class folders
-  shards       data.prepare.prepare_imagenet (`adm prepare-imagenet --allow-custom-classes`)
-  unet         launch.train.train (`adm train --preset demo-unet`): an UNCONDITIONAL ADM UNet
-  classifier   launch.train_classifier.train_classifier (`adm train-classifier --preset demo-classifier`)
-  domain       evaluation.domain_classifier.train_domain_classifier: an independent classifier of
-               clean images; it gives the class accuracy of samples and the features for FID,
-               precision and recall ("FID with domain features")
-  reference    evaluation.reference.make_reference (`adm make-reference`): real images to compare with
-  sample-sX    launch.sampler.sample (`adm sample --classifier-scale X`) for every scale X
-  eval-sX      evaluation.evaluate.evaluate (`adm evaluate --features classifier:...`)
-  report       evaluation.report.build_report (`adm report`): report.html / .md / .json, plots of
-               the metrics against the scale, per-class sample grids per scale
+  dataset      adm make-digits: the digits as an ImageNet-style folder of class folders
+  shards       adm prepare-imagenet --allow-custom-classes
+  unet         adm train --preset demo-unet: an UNCONDITIONAL ADM UNet
+  classifier   adm train-classifier --preset demo-classifier
+  domain       adm evaluate --train-classifier: an independent classifier of clean images; it gives
+               the class accuracy of samples and the features for FID, precision and recall
+               ("FID with domain features")
+  reference    adm make-reference --no-stats: real images to compare with
+  sample-sX    adm sample --classifier-scale X, for every scale X
+  eval-sX      adm evaluate --features classifier:...
+  report       adm report: report.html / .md / .json, plots of the metrics against the scale,
+               per-class sample grids per scale
 
 and shows the paper's point: classifier guidance trades diversity (recall) for class fidelity
-(accuracy, precision; the 8 px `--quick` run shows accuracy and FID only, see docs/demo.md). Every
-stage leaves a marker in OUT/stages/ when it is done, so a rerun skips finished stages (and the
-training and sampling jobs themselves resume inside a stage).
+(accuracy, precision; the 8 px `--quick` run shows accuracy and FID only, see docs/demo.md). A rerun
+skips the stages that completed with the same command (and training and sampling resume inside a
+stage).
 """
 from __future__ import annotations
 
@@ -27,19 +29,14 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
+from launch.pipeline import Pipeline, build_pipeline, run_local
+from runtime.files import atomic_write_json
 
-from data.fileio import atomic_write_json
-
-STAGE_DIR = "stages"
 SETTINGS_FILE = "demo.json"
 
 
-# ----------------------------------------------------------------------------------------------
-# settings
-# ----------------------------------------------------------------------------------------------
 # The UNet is demo-unet with 64 base channels: with 32, every GroupNorm group is a single channel,
 # so the network cannot see (or predict) a channel's mean and its samples come out with colour
 # casts. No random flips: a mirrored digit is not a digit. Items are `adm train --set` options.
@@ -118,197 +115,82 @@ class DemoSettings:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-# ----------------------------------------------------------------------------------------------
-# the run
-# ----------------------------------------------------------------------------------------------
 def scale_name(scale: float) -> str:
     """Folder-safe name of a guidance scale: 0 -> 's0', 0.5 -> 's0.5'."""
     return f"s{scale:g}"
 
 
-class Demo:
-    """One demo run in folder `out` (see the module docstring for the stages)."""
+def demo_pipeline(out: str | os.PathLike, s: DemoSettings) -> Pipeline:
+    """The demo as a pipeline definition (the mapping a pipeline YAML file would hold), checked like one."""
+    out = Path(out).absolute()
+    shards, unet, clf = out / "shards", out / "runs" / "unet", out / "runs" / "classifier"
+    domain, reference = out / "domain_classifier.pt", out / "reference.npz"
 
-    def __init__(self, out: str | os.PathLike, settings: DemoSettings, log: Callable[[str], None] = print):
-        self.out = Path(out)
-        self.s = settings
-        self.log = log
-        self.stage_times: dict[str, dict] = {}
-        self.paths = {
-            "digits": self.out / "digits",
-            "shards": self.out / "shards",
-            "unet": self.out / "runs" / "unet",
-            "classifier": self.out / "runs" / "classifier",
-            "domain": self.out / "domain_classifier.pt",
-            "reference": self.out / "reference.npz",
-            "samples": self.out / "samples",
-            "metrics": self.out / "metrics",
-            "report": self.out / "report",
-        }
-
-    # -- bookkeeping ----------------------------------------------------------------------------
-    def _check_settings(self) -> None:
-        """Refuse a folder made with other settings (its finished stages would not match)."""
-        path = self.out / SETTINGS_FILE
-        mine = self.s.to_dict()
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved != mine:
-                diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-                raise ValueError(f"{self.out} holds a demo run with other settings ({', '.join(diff)} differ, "
-                                 f"e.g. --quick vs the full run); use another --out or delete {self.out}")
-        else:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(path, mine)
-
-    def _stage(self, name: str, title: str, fn: Callable[[], dict | None]) -> dict:
-        """Run stage `name` unless its marker says it is done; record and return its info."""
-        marker = self.out / STAGE_DIR / f"{name}.json"
-        if marker.is_file():
-            info = json.loads(marker.read_text())
-            info["skipped"] = True
-            self.stage_times[name] = info
-            self.log(f"[demo] {name:<12} done before ({info['seconds']:.0f} s), skipped")
-            return info
-        self.log(f"[demo] {name:<12} {title} ...")
-        t0 = time.perf_counter()
-        result = fn() or {}
-        info = {"seconds": round(time.perf_counter() - t0, 2), **result}
-        atomic_write_json(marker, info)
-        info["skipped"] = False
-        self.stage_times[name] = info
-        self.log(f"[demo] {name:<12} done in {info['seconds']:.0f} s")
-        return info
-
-    # -- stages -----------------------------------------------------------------------------------
-    def dataset(self) -> dict:
-        from data.demo_dataset import write_digit_folders
-
-        summary = write_digit_folders(self.paths["digits"], per_class=self.s.per_class)
-        return {"num_images": summary["num_images"]}
-
-    def shards(self) -> dict:
-        from data.prepare import prepare_imagenet
-
-        # Ten shards, so the loader has something to shuffle between.
-        per_shard = max(1, (self.s.per_class or 500))
-        manifest = prepare_imagenet(self.paths["digits"], self.paths["shards"], allow_custom_classes=True,
-                                    samples_per_shard=per_shard, workers=1)
-        return {"num_samples": manifest["num_samples"], "num_shards": len(manifest["shards"])}
-
-    def _train(self, kind: str, run_dir: Path, preset: str, items: tuple[str, ...], steps: int) -> dict:
-        """The `adm train` / `adm train-classifier` job, configured as its command line would be."""
-        from launch.config import build_config
-
-        sets = [f"model.image_size={self.s.image_size}", *items, f"total_steps={steps}", f"seed={self.s.seed}",
+    def train(command: str, run_dir: Path, preset: str, items: tuple[str, ...], steps: int) -> dict:
+        sets = [f"model.image_size={s.image_size}", *items, f"total_steps={steps}", f"seed={s.seed}",
                 "num_workers=0",  # two cores: decoding small PNGs in-process beats worker processes
                 f"log_every={max(1, steps // 10)}", f"save_every={max(1, steps // 3)}", "keep_last=1"]
-        command = (f"adm {'train-classifier' if kind == 'classifier' else 'train'} --run-dir {run_dir} "
-                   f"--preset {preset} --data {self.paths['shards']} --set " + " ".join(sets))
-        self.log(f"    {command}")
-        cfg = build_config(kind, sets=sets, preset=preset, data=str(self.paths["shards"]))
-        if kind == "classifier":
-            from launch.train_classifier import train_classifier as job
-        else:
-            from launch.train import train as job
-        job(cfg, run_dir)
-        return {"steps": steps, "command": command}
+        return {"command": command, "after": ["shards"],
+                "args": ["--run-dir", str(run_dir), "--preset", preset, "--data", str(shards), "--set", *sets]}
 
-    def unet(self) -> dict:
-        s = self.s
-        return self._train("diffusion", self.paths["unet"], s.unet_preset, s.unet_set, s.unet_steps)
-
-    def classifier(self) -> dict:
-        s = self.s
-        return self._train("classifier", self.paths["classifier"], s.classifier_preset, s.classifier_set,
-                           s.classifier_steps)
-
-    def _model_size(self) -> int:
-        return self.s.image_size
-
-    def domain(self) -> dict:
-        from evaluation.domain_classifier import train_domain_classifier
-
-        _, info = train_domain_classifier(str(self.paths["shards"]), self.paths["domain"],
-                                          image_size=self._model_size(), epochs=self.s.domain_epochs,
-                                          seed=self.s.seed, log=lambda line: self.log(f"    {line}"))
-        return {"val_accuracy": info["val_accuracy"], "train_accuracy": info["train_accuracy"]}
-
-    def reference(self) -> dict:
-        """Real images to compare with (`adm make-reference --no-stats`: the domain features are
-        computed at evaluation time; there are no Inception weights here)."""
-        from evaluation.reference import make_reference
-
-        summary = make_reference(str(self.paths["shards"]), self.paths["reference"], self._model_size(),
-                                 num_images=self.s.ref_samples, stats=False, seed=self.s.seed,
-                                 log=lambda line: self.log(f"    {line}"))
-        return {"num_images": summary["num_images"]}
-
-    def sample(self, scale: float) -> dict:
-        """`adm sample --model runs/unet --classifier runs/classifier --classifier-scale X --labels balanced`."""
-        import sys
-
-        from launch.sampler import SampleOptions, sample
-
-        s = self.s
-        out = self.paths["samples"] / scale_name(scale)
-        self.log(f"    adm sample --model {self.paths['unet']} --classifier {self.paths['classifier']} "
-                 f"--classifier-scale {scale:g} --num-samples {s.num_samples} --steps {s.sample_steps} "
-                 f"--labels balanced --seed {s.seed} --batch-size {s.sample_batch} --out {out}")
-        path = sample(SampleOptions(
-            model=str(self.paths["unet"]), classifier=str(self.paths["classifier"]), classifier_scale=float(scale),
-            num_samples=s.num_samples, batch_size=s.sample_batch, steps=s.sample_steps, labels="balanced",
-            seed=s.seed, out=str(out), shard_size=s.sample_batch,  # the unit of resume
-            progress=sys.stderr.isatty(), grid_size=0))
-        return {"file": str(path.relative_to(self.out))}
-
-    def evaluate(self, scale: float) -> dict:
-        """`adm evaluate REF SAMPLES --features classifier:DOMAIN --out metrics/classifier_scale_X`."""
-        from evaluation.evaluate import evaluate
-
-        record = evaluate(self.paths["reference"], self.out / self.stage_times[f"sample-{scale_name(scale)}"]["file"],
-                          f"classifier:{self.paths['domain']}", out_dir=self._metrics_dir(scale),
-                          print_fn=None, progress=False)
-        m = record["metrics"]
-        return {"scale": float(scale), **{k: m[k] for k in ("class_accuracy", "fid", "precision", "recall")}}
-
-    def _metrics_dir(self, scale: float) -> Path:
-        return self.paths["metrics"] / f"classifier_scale_{scale:g}"
-
-    def report(self) -> dict:
-        """`adm report metrics/...`: tables, plots against the scale, per-class grids per scale."""
-        from evaluation.report import build_report
-
-        report = build_report([self._metrics_dir(x) / "metrics.json" for x in self.s.scales], self.paths["report"],
-                              title="adm demo: classifier guidance on MNIST digits")
-        return {"guidance_sweep": report["guidance_sweep"]}
-
-    # -- driver -----------------------------------------------------------------------------------
-    def run(self) -> dict:
-        """Run every stage not done yet; returns the report's JSON (with "guidance_sweep")."""
-        self._check_settings()
-        t0 = time.perf_counter()
-        self._stage("dataset", "5,000 MNIST digits -> class folders", self.dataset)
-        self._stage("shards", "prepare-imagenet -> WebDataset shards", self.shards)
-        self._stage("unet", f"train the unconditional UNet ({self.s.unet_steps} steps)", self.unet)
-        self._stage("classifier", f"train the noisy classifier ({self.s.classifier_steps} steps)", self.classifier)
-        self._stage("domain", "train the clean-image classifier (class accuracy, FID features)", self.domain)
-        self._stage("reference", "reference batch of real images", self.reference)
-        for x in self.s.scales:
-            self._stage(f"sample-{scale_name(x)}", f"sample {self.s.num_samples} at classifier scale {x:g}",
-                        lambda x=x: self.sample(x))
-        for x in self.s.scales:
-            self._stage(f"eval-{scale_name(x)}", f"evaluate classifier scale {x:g}", lambda x=x: self.evaluate(x))
-        self._stage("report", "report", self.report)
-        report = json.loads((self.paths["report"] / "report.json").read_text())
-        report["stage_seconds"] = {k: v["seconds"] for k, v in self.stage_times.items()}
-        report["wall_seconds_this_run"] = round(time.perf_counter() - t0, 1)
-        return report
+    stages: dict[str, dict] = {
+        "dataset": {"command": "make-digits",
+                    "args": [str(out / "digits")] + ([] if s.per_class is None else ["--per-class", str(s.per_class)])},
+        # Ten shards, so the loader has something to shuffle between.
+        "shards": {"command": "prepare-imagenet", "after": ["dataset"],
+                   "args": [str(out / "digits"), str(shards), "--allow-custom-classes", "--samples-per-shard",
+                            str(s.per_class or 500), "--workers", "1", "--no-progress"]},
+        "unet": train("train", unet, s.unet_preset, s.unet_set, s.unet_steps),
+        "classifier": train("train-classifier", clf, s.classifier_preset, s.classifier_set, s.classifier_steps),
+        "domain": {"command": "evaluate", "after": ["shards"],
+                   "args": ["--train-classifier", str(shards), "--out", str(domain), "--image-size",
+                            str(s.image_size), "--epochs", str(s.domain_epochs), "--seed", str(s.seed)]},
+        # No Inception weights here: the domain features are computed at evaluation time.
+        "reference": {"command": "make-reference", "after": ["shards"],
+                      "args": [str(shards), "--size", str(s.image_size), "--num-images", str(s.ref_samples),
+                               "--no-stats", "--seed", str(s.seed), "--out", str(reference)]},
+    }
+    for x in s.scales:
+        folder = out / "samples" / scale_name(x)
+        stages[f"sample-{scale_name(x)}"] = {
+            "command": "sample", "after": ["unet", "classifier"],
+            "args": ["--model", str(unet), "--classifier", str(clf), "--classifier-scale", f"{x:g}",
+                     "--num-samples", str(s.num_samples), "--steps", s.sample_steps, "--labels", "balanced",
+                     "--seed", str(s.seed), "--batch-size", str(s.sample_batch),
+                     "--shard-size", str(s.sample_batch),  # the unit of resume
+                     "--grid-size", "0", "--no-progress", "--out", str(folder)]}
+    for x in s.scales:
+        samples = out / "samples" / scale_name(x) / f"samples_{s.num_samples}x{s.image_size}x{s.image_size}x3.npz"
+        stages[f"eval-{scale_name(x)}"] = {
+            "command": "evaluate", "after": [f"sample-{scale_name(x)}", "domain", "reference"],
+            "args": [str(reference), str(samples), "--features", f"classifier:{domain}", "--out",
+                     str(_metrics_dir(out, x))]}
+    stages["report"] = {"command": "report", "after": [f"eval-{scale_name(x)}" for x in s.scales],
+                        "args": [*(str(_metrics_dir(out, x) / "metrics.json") for x in s.scales), "--out",
+                                 str(out / "report"), "--title", "adm demo: classifier guidance on MNIST digits"]}
+    return build_pipeline({"name": "demo", "out": str(out), "stages": stages}, "adm demo")
 
 
-# ----------------------------------------------------------------------------------------------
-# entry point
-# ----------------------------------------------------------------------------------------------
+def _metrics_dir(out: Path, scale: float) -> Path:
+    return out / "metrics" / f"classifier_scale_{scale:g}"
+
+
+def check_settings(out: str | os.PathLike, settings: DemoSettings) -> None:
+    """Refuse a folder made with other settings (its finished stages would not match); record them."""
+    out = Path(out)
+    path = out / SETTINGS_FILE
+    mine = settings.to_dict()
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != mine:
+            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            raise ValueError(f"{out} holds a demo run with other settings ({', '.join(diff)} differ, "
+                             f"e.g. --quick vs the full run); use another --out or delete {out}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, mine)
+
+
 def check_guidance(sweep: list[dict], chance: float = 0.1, precision_recall: bool = True) -> list[str]:
     """What fails of the guidance effect the demo must show; empty: guidance works.
 
@@ -362,21 +244,23 @@ def summary_table(report: dict) -> str:
 
 def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, overrides: list[str] | None = None,
              threads: int | None = None, log: Callable[[str], None] = print) -> dict:
-    """Run (or finish) the demo in `out`; returns report.json's content.
+    """Run (or finish) the demo in `out`; returns report.json's content plus `stage_seconds`.
 
-    `threads`: torch intra-op threads (default: the CPU cores this process may use).
+    `threads`: torch intra-op threads of every stage (default: the CPU cores this process may use).
+    Raises launch.pipeline.StageFailed naming the stage and its log when a stage fails.
     """
-    import sys
-
-    if "torch" not in sys.modules:
-        # Waiting OpenMP threads sleep instead of spinning: on a shared machine (CI, other jobs) a
-        # spinning thread whose partner was descheduled made sampling 20x slower here; on an idle
-        # machine the difference is small. Must be set before torch loads libgomp.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
-
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     settings = DemoSettings.quick() if quick else DemoSettings.full()
     if overrides:
         settings = settings.replace(overrides)
-    return Demo(out, settings, log).run()
+    check_settings(out, settings)
+    pipeline = demo_pipeline(out, settings)
+    env = {"OMP_NUM_THREADS": str(threads or len(os.sched_getaffinity(0))),
+           # Waiting OpenMP threads sleep instead of spinning: on a shared machine (CI, other jobs) a
+           # spinning thread whose partner was descheduled made sampling 20x slower here.
+           "OMP_WAIT_POLICY": "PASSIVE"}
+    t0 = time.perf_counter()
+    seconds = run_local(pipeline, echo=log, env=env)
+    report = json.loads((pipeline.out / "report" / "report.json").read_text())
+    report["stage_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    report["wall_seconds_this_run"] = round(time.perf_counter() - t0, 1)
+    return report

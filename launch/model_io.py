@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from data.fileio import atomic_torch_save, atomic_write_bytes
+from runtime.files import atomic_torch_save, atomic_write_bytes
 from diffusion_core import presets
 from diffusion_core.openai_compat import load_openai_state_dict, preset_for_openai_file
 from diffusion_core.presets import OPENAI_URL, Preset
@@ -183,7 +183,7 @@ def load_model(
         and a differing file is refused with the differing fields listed;
       - "openai:FILE", a released guided-diffusion file; `preset` names its configuration, otherwise
         it is inferred from the file name (e.g. 256x256_classifier.pt -> adm256-classifier);
-      - a training run directory (its EMA weights; see launch.checkpointing.load_model_from_run).
+      - a training run directory (its EMA weights; see launch.train.checkpointing.load_model_from_run).
     """
     spec = str(spec)
     if spec.startswith("openai:"):
@@ -196,7 +196,7 @@ def load_model(
         return _materialise(chosen, state_dict, device), chosen
     path = Path(spec)
     if path.is_dir():
-        from launch.checkpointing import load_model_from_run
+        from launch.train.checkpointing import load_model_from_run
 
         module, run_preset = load_model_from_run(path)
         expected = _preset_of(preset)

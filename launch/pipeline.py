@@ -1,4 +1,5 @@
-"""The pipeline's stage graph (from a YAML file) and its local runner; slurm/pipeline_jobs.py submits it.
+"""The pipeline's stage graph (from a YAML file or a dict) and its local runner; slurm/pipeline_jobs.py
+submits the same graph to SLURM, and `adm demo` is a pipeline definition run by `run_local`.
 
 A pipeline file names `adm` stages, their options and what each waits for:
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import re
 import shlex
@@ -32,7 +34,7 @@ from typing import Any, Callable
 
 import yaml
 
-from data.fileio import atomic_write_json
+from runtime.files import atomic_write_json
 
 _STAGE_KEYS = {"command", "args", "after", "sweep", "resources", "local_tasks"}
 _TOP_KEYS = {"name", "out", "cluster", "vars", "resources", "stages"}
@@ -164,6 +166,16 @@ def load_pipeline(path: str | os.PathLike, out: str | None = None, variables: di
         data = yaml.safe_load(source.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"{source} is not valid YAML: {err}") from None
+    return build_pipeline(data, source, out=out, variables=variables, validate=validate)
+
+
+def build_pipeline(data: Any, source: str | os.PathLike, out: str | None = None,
+                   variables: dict[str, str] | None = None, validate: bool = True) -> Pipeline:
+    """A Pipeline from the mapping a pipeline file holds (`source` names it in errors and records).
+
+    Same keys and checks as `load_pipeline`; programs that define pipelines (`adm demo`) use this.
+    """
+    source = Path(source)
     if not isinstance(data, dict) or not isinstance(data.get("stages"), dict) or not data["stages"]:
         raise ValueError(f"{source} must be a mapping with a non-empty 'stages:' mapping (see slurm/pipeline.example.yaml)")
     unknown = sorted(set(data) - _TOP_KEYS)
@@ -198,15 +210,14 @@ def load_pipeline(path: str | os.PathLike, out: str | None = None, variables: di
             raise ValueError(f"{where}: local_tasks must be a positive integer, got {local_tasks!r}")
         raw_stages[str(stage_name)] = dict(spec, command=command, after=after, local_tasks=local_tasks, where=where)
 
-    from slurm.profiles import Resources
-
-    Resources.from_dict(data.get("resources"), f"{source}: resources")
     expansions: dict[str, list[Stage]] = {}
     for stage_name in _order(list(raw_stages), {n: s["after"] for n, s in raw_stages.items()}, source):
         spec = raw_stages[stage_name]
         where = spec["where"]
-        resources = dict(spec.get("resources") or {})
-        Resources.from_dict(resources, f"{where}: resources")
+        resources = spec.get("resources") or {}
+        if not isinstance(resources, dict):
+            raise ValueError(f"{where}: resources must be a mapping, got {type(resources).__name__}")
+        resources = dict(resources)
         made = []
         for sweep in _sweep_values(spec.get("sweep"), where):
             argv = [_substitute(a, {**values, **sweep}, where) for a in _as_list(spec.get("args"), f"{where}: args")]
@@ -230,7 +241,7 @@ def load_pipeline(path: str | os.PathLike, out: str | None = None, variables: di
 
 def validate_stages(pipeline: Pipeline) -> None:
     """Parse every stage's arguments with its command's parser; ValueError names the stage."""
-    from slurm.stage_args import parse_stage_args
+    from launch.cli import parse_stage_args
 
     for stage in pipeline.stages:
         try:
@@ -271,34 +282,66 @@ def tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def run_local(pipeline: Pipeline, echo: Callable[[str], None] = print) -> dict[str, float]:
+def _previous_record(pipeline: Pipeline) -> dict[str, dict]:
+    """Stage records of an earlier local run in the same folder ({} if none or unreadable)."""
+    try:
+        old = json.loads((pipeline.out / "pipeline.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    stages = old.get("stages") if isinstance(old, dict) and old.get("mode") == "local" else None
+    return stages if isinstance(stages, dict) else {}
+
+
+def run_local(pipeline: Pipeline, echo: Callable[[str], None] = print, env: dict[str, str] | None = None,
+              rerun_completed: bool = False) -> dict[str, float]:
     """Run every stage here, one after another in graph order; returns seconds per stage.
 
     Each stage is a fresh `adm` process (torchrun with `local_tasks` > 1) whose output goes to
-    OUT/logs/STAGE.log. Raises StageFailed for the first stage that does not exit 0.
+    OUT/logs/STAGE.log, with `env` added to this process's environment. A stage that completed in an
+    earlier run in the same folder with the same command line is skipped (its seconds are those of
+    that run) unless `rerun_completed`; every other stage resumes from what it wrote. Raises
+    StageFailed for the first stage that does not exit 0; OUT/pipeline.json then says which stage
+    failed and that the stages after it did not run.
     """
     pipeline.out.mkdir(parents=True, exist_ok=True)
+    previous = {} if rerun_completed else _previous_record(pipeline)
     record = {s.id: {"command": s.command_line, "log": str(pipeline.log_path(s.id)), "state": "PENDING"}
               for s in pipeline.stages}
     write_record(pipeline, "local", record)
     seconds: dict[str, float] = {}
     for stage in pipeline.stages:
         log = pipeline.log_path(stage.id)
+        before = previous.get(stage.id) or {}
+        if before.get("state") == "COMPLETED" and before.get("command") == stage.command_line:
+            seconds[stage.id] = float(before.get("seconds", 0.0))
+            record[stage.id].update(state="COMPLETED", seconds=seconds[stage.id], skipped=True)
+            write_record(pipeline, "local", record)
+            echo(f"[pipeline] {stage.id}: done before ({seconds[stage.id]:.0f}s), skipped")
+            continue
         log.parent.mkdir(parents=True, exist_ok=True)
         echo(f"[pipeline] {stage.id}: {stage.command_line}")
         record[stage.id]["state"] = "RUNNING"
         write_record(pipeline, "local", record)
         start = time.monotonic()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        stage_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         with open(log, "w") as handle:
             handle.write(f"$ {stage.command_line}\n")
             handle.flush()
-            code = subprocess.run(_local_command(stage), stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
+            try:
+                code = subprocess.run(_local_command(stage), stdout=handle, stderr=subprocess.STDOUT,
+                                      env=stage_env).returncode
+            except KeyboardInterrupt:
+                code = 130
         seconds[stage.id] = time.monotonic() - start
         record[stage.id]["state"] = "COMPLETED" if code == 0 else "FAILED"
         record[stage.id]["seconds"] = round(seconds[stage.id], 1)
-        write_record(pipeline, "local", record)
         if code != 0:
-            raise StageFailed(stage.id, log, f"exit status {code}", tail(log))
+            not_run = [s.id for s in pipeline.stages if record[s.id]["state"] == "PENDING"]
+            for stage_id in not_run:
+                record[stage_id]["state"] = "NOT_RUN"
+            write_record(pipeline, "local", record)
+            detail = f"exit status {code}" + (f"; not run: {', '.join(not_run)}" if not_run else "")
+            raise StageFailed(stage.id, log, detail, tail(log))
+        write_record(pipeline, "local", record)
         echo(f"[pipeline] {stage.id}: done in {seconds[stage.id]:.0f}s")
     return seconds

@@ -3,7 +3,7 @@
     python -m slurm.check --cluster PROFILE [--nodes N] [--gpus-per-node G] [--tasks-per-node T] [--requeue]
 
 submits one short job with the same resources and rendezvous as `adm submit`; every task sets up
-torch.distributed through launch.distributed and all-reduces its rank. It prints one line per task
+torch.distributed through runtime.distributed and all-reduces its rank. It prints one line per task
 (host, rank, local rank, device, master address) and fails if any task disagrees.
 
 With --requeue it instead runs a small deterministic checkpointing job (a chain of SHA-256 digests),
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from slurm import preemption
+from runtime import preemption
 from slurm.stage_job import GuardedJob
 
 
@@ -31,7 +31,7 @@ def all_reduce_check() -> dict:
     import torch
     import torch.distributed as dist
 
-    from launch import distributed
+    from runtime import distributed
 
     info = distributed.setup()
     try:
@@ -68,7 +68,7 @@ class CountingJob(GuardedJob):
     """A deterministic checkpointing job: `steps` steps of a digest chain, one every `step_s` seconds.
 
     Saves (step, digest) every `save_every` steps under OUT/checkpoints/ and resumes from the latest.
-    With `poll`, it also saves and stops as soon as a signal comes (slurm.preemption); without, it
+    With `poll`, it also saves and stops as soon as a signal comes (runtime.preemption); without, it
     behaves like a stage that only writes periodic checkpoints. Every task computes the chain; rank 0
     writes the files, and OUT/starts.txt gets one line per (re)start.
     """
@@ -87,7 +87,7 @@ class CountingJob(GuardedJob):
         return saved["step"], saved["digest"]
 
     def _save(self, is_main: bool, step: int, digest: str) -> None:
-        from data.fileio import atomic_write_json
+        from runtime.files import atomic_write_json
 
         if is_main:
             atomic_write_json(Path(self.out_dir) / "checkpoints" / f"step_{step:06d}.json",
@@ -95,7 +95,7 @@ class CountingJob(GuardedJob):
 
     def work(self) -> dict:
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-            from launch import distributed
+            from runtime import distributed
         else:
             # One task needs no process group, and skipping torch's import keeps restarts quick.
             distributed = _SingleProcess()
@@ -122,7 +122,7 @@ class CountingJob(GuardedJob):
 
 
 class _SingleProcess:
-    """launch.distributed's interface for one process, without importing torch."""
+    """runtime.distributed's interface for one process, without importing torch."""
 
     class _Info:
         rank, world_size, is_main = 0, 1, True

@@ -15,6 +15,13 @@ from slurm import jobs, submission
 from slurm.profiles import ClusterProfile, Resources
 
 
+def check_resources(pipeline: Pipeline) -> None:
+    """Refuse unknown or invalid `resources` keys of the file and of every stage (ValueError naming them)."""
+    Resources.from_dict(pipeline.resources, f"{pipeline.source}: resources")
+    for stage in pipeline.stages:
+        Resources.from_dict(stage.resources, f"{pipeline.source}: stage '{stage.id}': resources")
+
+
 def stage_resources(pipeline: Pipeline, profile: ClusterProfile, stage_id: str) -> Resources:
     """Profile < pipeline file's `resources` < the stage's own `resources`."""
     stage = pipeline.stage(stage_id)

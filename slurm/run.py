@@ -1,7 +1,7 @@
-"""`python -m slurm.run STAGE [ARGS...]`: one adm stage under slurm.preemption's signal handling.
+"""`python -m slurm.run STAGE [ARGS...]`: one adm stage under runtime.preemption's signal handling.
 
 What the sbatch templates (slurm/templates/) start on every process, under torchrun. A stage that
-polls slurm.preemption checkpoints and stops on SIGTERM (sent when the batch script requeues the job
+polls runtime.preemption checkpoints and stops on SIGTERM (sent when the batch script requeues the job
 before its time limit); SIGUSR1/SIGUSR2 sent to the processes themselves requeue the job from rank 0
 with `scontrol requeue`. Exit status 143 means "stopped early, resume by rerunning".
 """
@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-from slurm import preemption
+from runtime import preemption
 from slurm.stage_job import StageJob
 
 

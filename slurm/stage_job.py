@@ -1,10 +1,10 @@
 """The callables that submitit runs on every task of a job, requeued on preemption.
 
-`GuardedJob` installs slurm.preemption's signal handling around its `work()`; on a requeue signal the
+`GuardedJob` installs runtime.preemption's signal handling around its `work()`; on a requeue signal the
 job is checkpointed the submitit way (the same call is pickled again) and requeued, and the work
 resumes from the latest checkpoint it wrote when it restarts. `StageJob` is one `adm` stage: each task
 (one per GPU) parses the stage's options and calls its `run(args)` in-process, so the stage sets up
-torch.distributed from SLURM's variables (launch.distributed.setup) and sees the signals.
+torch.distributed from SLURM's variables (runtime.distributed.setup) and sees the signals.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import sys
 
 import submitit
 
-from slurm import preemption
-from slurm.stage_args import parse_stage_args
+from runtime import preemption
+from launch.cli import parse_stage_args
 
 
 def _submitit_signal() -> signal.Signals:
@@ -25,7 +25,7 @@ def _submitit_signal() -> signal.Signals:
 
 
 class GuardedJob(submitit.helpers.Checkpointable):
-    """A checkpointable job whose `work()` may poll slurm.preemption and raise Preempted.
+    """A checkpointable job whose `work()` may poll runtime.preemption and raise Preempted.
 
     `grace_s` bounds how long work that polls may take to save and stop after a signal.
     """
@@ -49,7 +49,7 @@ class GuardedJob(submitit.helpers.Checkpointable):
         return self.run_guarded(requeue)
 
     def run_guarded(self, requeue):
-        """Run `work()` with slurm.preemption's handlers; `requeue()` requeues the job (see Guard)."""
+        """Run `work()` with runtime.preemption's handlers; `requeue()` requeues the job (see Guard)."""
         guard = preemption.Guard(requeue, self.grace_s).install()
         try:
             return self.work()

@@ -106,7 +106,7 @@ def submit_stage(command: str, argv: list[str], profile: ClusterProfile, resourc
                  after: Iterable[str] = ()) -> SubmittedJob:
     """Submit `adm COMMAND ARGV...` as one job; `after` lists job ids it waits for (afterok).
 
-    The caller is expected to have validated `argv` (slurm.stage_args.parse_stage_args).
+    The caller is expected to have validated `argv` (launch.cli.parse_stage_args).
     """
     name = job_name or f"adm-{command}"
     executor = make_executor(profile, resources, log_dir, name, after)

@@ -22,10 +22,20 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo and print the guidance sweep and where the report is."""
     from pathlib import Path
 
+    import sys
+
     from launch.demo import check_guidance, run_demo, summary_table
+    from launch.pipeline import StageFailed
 
     sets = [item for group in args.set for item in group]
-    report = run_demo(args.out, quick=args.quick, overrides=sets, threads=args.threads)
+    try:
+        report = run_demo(args.out, quick=args.quick, overrides=sets, threads=args.threads,
+                          log=lambda line: print(line, flush=True))
+    except StageFailed as failure:
+        if failure.tail:
+            print(f"--- last lines of {failure.log} ---\n{failure.tail}\n---", file=sys.stderr)
+        print(f"adm demo: error: {failure}", file=sys.stderr)
+        return 1
     print()
     print(summary_table(report))
     # The 8 px quick run does not show the precision / recall trade-off (docs/demo.md), so only
@@ -46,6 +56,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"precision {first['precision']:.3f} -> {last['precision']:.3f}, recall {first['recall']:.3f} -> "
           f"{last['recall']:.3f}: {trend} (docs/demo.md)")
     seconds = report.get("stage_seconds", {})
-    print(f"stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    print("stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     print(f"\nreport: {Path(args.out) / 'report' / 'report.html'} (also report.md, report.json)")
     return 0

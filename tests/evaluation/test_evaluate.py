@@ -13,7 +13,7 @@ import torch
 
 from evaluation import io as eio
 from evaluation.evaluate import evaluate
-from evaluation.features import FeatureNetwork, classifier_network
+from evaluation.features import Features, FeatureNetwork, classifier_network
 from evaluation.metrics import frechet_distance, inception_score, mean_cov, precision_recall
 from launch.cli import main as adm
 
@@ -36,7 +36,7 @@ def files(digits, tmp_path_factory):
 
 def _direct(model, path):
     with eio.open_images(path) as arr:
-        return model.extract(arr.read())
+        return Features(*model.extract(arr.read()))
 
 
 def test_domain_features_equal_direct_computation(files, small_classifier, tmp_path):

@@ -9,8 +9,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launch.cli import main as adm
-from launch.config import build_config, resolve
-from launch.train_loop import lr_at
+from launch.train.config import build_config, resolve
+from launch.train.loop import lr_at
 from tests.launch.test_train_data import digit_shards
 
 pytestmark = pytest.mark.slow

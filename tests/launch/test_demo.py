@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import demo_dataset
+from data import digits as demo_dataset
 from launch import demo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,21 +102,21 @@ def test_quick_is_smaller_than_full():
 
 
 def test_refuses_a_folder_of_other_settings(tmp_path):
-    d = demo.Demo(tmp_path, demo.DemoSettings.quick(), log=lambda _: None)
-    d._check_settings()
-    other = demo.Demo(tmp_path, demo.DemoSettings.full().replace(["num_samples=7"]), log=lambda _: None)
+    demo.check_settings(tmp_path, demo.DemoSettings.quick())
+    demo.check_settings(tmp_path, demo.DemoSettings.quick())
     with pytest.raises(ValueError, match="num_samples"):
-        other._check_settings()
+        demo.check_settings(tmp_path, demo.DemoSettings.full().replace(["num_samples=7"]))
 
 
-def test_finished_stages_are_skipped(tmp_path):
-    lines = []
-    d = demo.Demo(tmp_path, demo.DemoSettings.quick(), log=lines.append)
-    calls = []
-    info = d._stage("x", "a stage", lambda: calls.append(1) or {"value": 3})
-    assert info["value"] == 3 and not info["skipped"] and calls == [1]
-    again = demo.Demo(tmp_path, demo.DemoSettings.quick(), log=lines.append)._stage("x", "a stage", lambda: calls.append(2))
-    assert again["value"] == 3 and again["skipped"] and calls == [1]
+def test_the_demo_is_a_pipeline_of_real_commands(tmp_path):
+    s = demo.DemoSettings.quick()
+    pipeline = demo.demo_pipeline(tmp_path, s)  # every stage's options pass its command's own parser
+    ids = [stage.id for stage in pipeline.stages]
+    assert ids[:6] == ["dataset", "shards", "unet", "classifier", "domain", "reference"]
+    assert len(ids) == 6 + 2 * len(s.scales) + 1 and ids[-1] == "report"
+    assert pipeline.stage("sample-s4").command_line.startswith("adm sample --model ")
+    assert "--classifier-scale 4 " in pipeline.stage("sample-s4").command_line
+    assert set(pipeline.stage("eval-s4").after) == {"sample-s4", "domain", "reference"}
 
 
 def test_summary_table():

@@ -11,7 +11,7 @@ import torch
 
 from diffusion_core import presets
 from diffusion_core.openai_compat import classifier_from_openai_flags, openai_flags, unet_from_openai_flags
-from launch.checkpointing import load_model_from_run
+from launch.train.checkpointing import load_model_from_run
 from launch.cli import main as adm
 from launch.model_io import load_model_file
 from tests.launch.test_train_data import digit_shards

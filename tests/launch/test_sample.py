@@ -18,9 +18,12 @@ from diffusion_core.diffusion import PerSampleNoise
 from diffusion_core.guidance import classifier_cond_fn
 from diffusion_core.openai_compat import to_openai_state_dict
 from launch import cli
-from launch import sample_files as sf
+from launch.sample import files as sf
+from runtime.npz import write_streamed_npz
 from launch.model_io import load_model, save_model_file
-from launch.sampler import GuidedSampler, Labels, SampleOptions, sample, sample_seed
+from launch.sample.guided import GuidedSampler
+from launch.sample.job import sample
+from launch.sample.options import Labels, SampleOptions, sample_seed
 
 
 def _perturbed(name, seed, **overrides):
@@ -224,7 +227,7 @@ def test_upsampling_stage(models, tmp_path):
     base = tmp_path / "base.npz"
     low = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     base_labels = np.array([3, 1, 4, 1, 5], dtype=np.int64)
-    sf.write_streamed_npz(base, [low], [base_labels], 5, (8, 8, 3))
+    write_streamed_npz(base, [low], [base_labels], 5, (8, 8, 3))
     opts = dict(model=models["up"], upsample_from=str(base), num_samples=None, batch_size=2, shard_size=2)
     path = sample(_opts(models, tmp_path / "up", **opts))
     images, labels = _arrays(path)
@@ -233,7 +236,7 @@ def test_upsampling_stage(models, tmp_path):
     # Conditioned on the base image: a different low-res picture changes the result.
     low2 = low.copy()
     low2[0] = 255 - low2[0]
-    sf.write_streamed_npz(tmp_path / "base2.npz", [low2], [base_labels], 5, (8, 8, 3))
+    write_streamed_npz(tmp_path / "base2.npz", [low2], [base_labels], 5, (8, 8, 3))
     images2, _ = _arrays(sample(_opts(models, tmp_path / "up2", **{**opts, "upsample_from": str(tmp_path / "base2.npz")})))
     assert not np.array_equal(images2[0], images[0])
     np.testing.assert_array_equal(images2[1:], images[1:])

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from diffusion_core import presets
-from launch import sample_files as sf
-from launch.distributed import free_port
+from launch.sample import files as sf
+from runtime.distributed import free_port
 from launch.model_io import save_model_file
-from launch.sampler import SampleOptions, sample
+from launch.sample.job import sample
+from launch.sample.options import SampleOptions
 
 pytestmark = pytest.mark.distributed
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from launch import sample_files as sf
+from launch.sample import files as sf
+from runtime.npz import NpzArray, read_array, write_streamed_npz
 
 
 def _evaluator_rows(path, name, batch):
@@ -35,7 +36,7 @@ def test_streamed_npz_is_what_np_savez_writes_and_reads_like_the_evaluator(tmp_p
     images = rng.integers(0, 256, (11, 6, 5, 3), dtype=np.uint8)
     labels = rng.integers(0, 1000, 11).astype(np.int64)
     ours = tmp_path / "ours.npz"
-    sf.write_streamed_npz(ours, [images[:4], images[4:9], images[9:]], [labels[:7], labels[7:]], 11, (6, 5, 3))
+    write_streamed_npz(ours, [images[:4], images[4:9], images[9:]], [labels[:7], labels[7:]], 11, (6, 5, 3))
     np.savez(tmp_path / "ref.npz", arr_0=images, arr_1=labels)
     with np.load(ours) as z:
         assert z.files == ["arr_0", "arr_1"]
@@ -57,7 +58,7 @@ def test_streamed_npz_is_what_np_savez_writes_and_reads_like_the_evaluator(tmp_p
 def test_streamed_npz_refuses_a_wrong_row_count(tmp_path):
     images = np.zeros((3, 2, 2, 3), np.uint8)
     with pytest.raises(ValueError, match="expected 4"):
-        sf.write_streamed_npz(tmp_path / "x.npz", [images], [np.zeros(3, np.int64)], 4, (2, 2, 3))
+        write_streamed_npz(tmp_path / "x.npz", [images], [np.zeros(3, np.int64)], 4, (2, 2, 3))
     assert not (tmp_path / "x.npz").exists()
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -84,21 +85,23 @@ def test_merge_holds_one_shard_at_a_time(tmp_path):
         tracemalloc.stop()
     total = shard_bytes * count
     assert peak < 2 * shard_bytes < total / 5, (peak, shard_bytes, total)
-    arr = sf.open_npz_array(out, "arr_0")
-    assert isinstance(arr, np.memmap) and arr.shape == (per * count, *shape)
-    for k in range(count):
-        np.testing.assert_array_equal(arr[k * per:k * per + 2], expect[k])
-    np.testing.assert_array_equal(sf.open_npz_array(out, "arr_1"), np.arange(per * count))
+    with NpzArray(out, "arr_0") as arr:
+        assert arr.shape == (per * count, *shape)
+        for k in range(count):
+            np.testing.assert_array_equal(arr[k * per:k * per + 2], expect[k])
+        np.testing.assert_array_equal(arr[np.array([per, 0])], np.stack([expect[1][0], expect[0][0]]))
+    np.testing.assert_array_equal(read_array(out, "arr_1"), np.arange(per * count))
 
 
-def test_open_npz_array_reads_compressed_files_too(tmp_path):
+def test_npz_rows_read_from_compressed_files_too(tmp_path):
     images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
     np.savez_compressed(tmp_path / "c.npz", arr_0=images)
-    np.testing.assert_array_equal(sf.open_npz_array(tmp_path / "c.npz", "arr_0"), images)
+    with NpzArray(tmp_path / "c.npz", "arr_0") as arr:
+        np.testing.assert_array_equal(arr[0:2], images)
     with pytest.raises(ValueError, match="no array 'arr_1'"):
-        sf.open_npz_array(tmp_path / "c.npz", "arr_1")
-    with pytest.raises(FileNotFoundError, match="no such sample file"):
-        sf.open_npz_array(tmp_path / "missing.npz", "arr_0")
+        NpzArray(tmp_path / "c.npz", "arr_1")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        NpzArray(tmp_path / "missing.npz", "arr_0")
 
 
 def test_shard_validation_and_stale_temporaries(tmp_path):

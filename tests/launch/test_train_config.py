@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from diffusion_core import presets
-from launch import config as C
+from launch.train import config as C
 from launch.cli import main as adm
-from launch.distributed import DistInfo
-from launch.ema import EMA, ema_name
+from runtime.distributed import DistInfo
+from launch.train.ema import EMA, ema_name
 from launch.precision import LossScaler, NonFiniteLossError, autocast, check_supported
-from launch.strategies import TorchStrategy, deepspeed_config
-from launch.train_loop import lr_at, prepare_run_dir
+from launch.train.strategies import TorchStrategy, deepspeed_config
+from launch.train.loop import lr_at, prepare_run_dir
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

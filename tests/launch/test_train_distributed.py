@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.distributed import free_port
+from runtime.distributed import free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -82,7 +82,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 
 def _ema(run_dir: Path) -> dict[str, torch.Tensor]:
-    from launch.train_export import export_run
+    from launch.train.export import export_run
 
     out = export_run(run_dir, run_dir / "exported")
     return torch.load(out["openai"], weights_only=True)

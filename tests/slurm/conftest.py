@@ -86,7 +86,7 @@ def final_weights(run_dir: Path, step: int = 8) -> dict:
     import torch
 
     from diffusion_core.presets import Preset
-    from launch.checkpointing import checkpoint_weights, read_run_config, step_dir
+    from launch.train.checkpointing import checkpoint_weights, read_run_config, step_dir
 
     preset = Preset.from_dict(read_run_config(run_dir)["preset"])
     with torch.device("meta"):

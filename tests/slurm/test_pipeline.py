@@ -59,13 +59,21 @@ def test_tiny_and_example_configs_expand_sweeps_with_matching_dependencies(tmp_p
     ("stages: {a: {command: report, args: '{nothere} --out x'}}", "{nothere}"),
     ("stages: {a: {command: report, args: 'x --out y', colour: red}}", "colour"),
     ("stages: {a: {command: train, args: '--run-dir r --no-such-option'}}", "stage 'a'"),
-    ("stages: {a: {command: report, args: 'x --out y', resources: {gpus: 8}}}", "gpus"),
     ("stages: {a: {command: submit}}", "cannot run as a stage"),
     ("stages: {}", "non-empty 'stages:'"),
 ])
 def test_bad_pipeline_files_name_the_problem(tmp_path, text, message):
     with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}")):
         load_pipeline(_write(tmp_path / "p.yaml", text))
+
+
+def test_unknown_resources_are_refused_before_anything_runs(tmp_path):
+    from slurm.pipeline_jobs import check_resources
+
+    for text in ("stages: {a: {command: report, args: 'x --out y', resources: {gpus: 8}}}",
+                 "resources: {gpus: 8}\nstages: {a: {command: report, args: 'x --out y'}}"):
+        with pytest.raises(ValueError, match="gpus"):
+            check_resources(load_pipeline(_write(tmp_path / "p.yaml", text)))
 
 
 def test_cli_errors_unknown_profile_and_no_sbatch(tmp_path, adm, mini_src):

@@ -1,4 +1,4 @@
-"""slurm.preemption's signal handling, with real signals sent to a real child process.
+"""runtime.preemption's signal handling, with real signals sent to a real child process.
 
 The requeue itself needs SLURM (test_slurm_jobs.py); here the requeue callback writes a file, so what
 is checked is when it runs: at once for a stage that never polls, after the stage saved and stopped
@@ -17,7 +17,7 @@ import pytest
 CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from slurm import preemption
+    from runtime import preemption
 
     out = Path(sys.argv[1])
     poll = sys.argv[2] == "poll"
@@ -107,6 +107,6 @@ def test_sigterm_stops_without_requeue(tmp_path):
 
 
 def test_outside_a_job_nothing_is_requested():
-    from slurm import preemption
+    from runtime import preemption
 
     assert preemption.requested() is False and preemption.requested_everywhere() is False

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch.commands.submit import split_submit_options
+from slurm.commands.submit import split_submit_options
 
 
 def test_submit_options_are_separated_from_the_stage_options_in_order():

@@ -16,11 +16,12 @@ import math
 import os
 import zipfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from data.fileio import atomic_open, atomic_write_bytes
+from runtime.files import atomic_open, atomic_write_bytes
+from runtime.npz import NpzArray, write_streamed_npz
 
 SHARD_DIR = "shards"
 _SHARD_PREFIX = "shard-"
@@ -69,9 +70,8 @@ def write_shard(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
 
 def read_shard_meta(path: str | os.PathLike) -> dict:
     """The small fields of a shard (start, count, image shape, options hash) without reading its pixels."""
-    with zipfile.ZipFile(path) as zf:
-        with zf.open("images.npy") as f:
-            shape, _, dtype = _read_npy_header(f)
+    with NpzArray(path, "images") as images:
+        shape, dtype = images.shape, images.dtype
     with np.load(path) as z:
         return {"start": int(z["start"]), "count": int(shape[0]), "image_shape": tuple(shape[1:]),
                 "dtype": dtype, "options_hash": str(z["options_hash"]),
@@ -115,52 +115,8 @@ def remove_stale_temporaries(out_dir: str | os.PathLike) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# the streamed .npz
+# the merged .npz
 # --------------------------------------------------------------------------------------------
-def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(f)
-    raise ValueError(f"unsupported .npy format version {version}")
-
-
-def _npy_header_bytes(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
-    buf = io.BytesIO()
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
-    np.lib.format.write_array_header_1_0(buf, header)
-    return buf.getvalue()
-
-
-def write_streamed_npz(path: str | os.PathLike, image_chunks: Iterable[np.ndarray], label_chunks: Iterable[np.ndarray],
-                       num_samples: int, image_shape: Sequence[int]) -> None:
-    """Write `path` as `np.savez(path, arr_0=images, arr_1=labels)` would, from chunks in index order.
-
-    Each chunk is written and dropped before the next is asked for, so memory stays at one chunk.
-    Both iterables are consumed lazily (the labels after all images). The chunks must add up to
-    exactly `num_samples` rows; anything else raises before the file is renamed into place.
-    """
-    image_shape = tuple(int(s) for s in image_shape)
-    with atomic_open(path, "wb") as handle:
-        # ZIP_STORED as np.savez: evaluators stream rows straight out of the member.
-        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name, chunks, shape, dtype in (("arr_0.npy", image_chunks, (num_samples, *image_shape), np.uint8),
-                                                ("arr_1.npy", label_chunks, (num_samples,), np.int64)):
-                written = 0
-                with zf.open(name, "w", force_zip64=True) as member:
-                    member.write(_npy_header_bytes(shape, dtype))
-                    for chunk in chunks:
-                        chunk = np.ascontiguousarray(chunk, dtype=dtype)
-                        if chunk.shape[1:] != shape[1:]:
-                            raise ValueError(f"{name}: chunk of shape {chunk.shape} does not fit {shape}")
-                        member.write(chunk.data)
-                        written += chunk.shape[0]
-                        del chunk
-                if written != num_samples:
-                    raise ValueError(f"{name}: got {written} rows, expected {num_samples}")
-
-
 def merge_shards(shard_files: Sequence[str | os.PathLike], out_path: str | os.PathLike, num_samples: int,
                  image_shape: Sequence[int]) -> Path:
     """Stream the shards (already in index order) into the final `samples_...npz`; return its path.
@@ -186,39 +142,6 @@ def merge_shards(shard_files: Sequence[str | os.PathLike], out_path: str | os.Pa
 def samples_file_name(num_samples: int, image_shape: Sequence[int]) -> str:
     """The name guided-diffusion gives a sample file: `samples_{N}x{H}x{W}x3.npz`."""
     return "samples_" + "x".join(str(int(s)) for s in (num_samples, *image_shape)) + ".npz"
-
-
-def open_npz_array(path: str | os.PathLike, name: str) -> np.ndarray:
-    """Array `name` of an `.npz`, memory-mapped when stored uncompressed (as ours and np.savez's are).
-
-    Lets each rank of an upsampling job read only its own rows of a base sample file instead of
-    loading all of it. Falls back to reading the member into memory when it is compressed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such sample file; give the .npz written by `adm sample`")
-    member = f"{name}.npy"
-    with zipfile.ZipFile(path) as zf:
-        if member not in zf.namelist():
-            raise ValueError(f"{path} has no array {name!r} (it has {sorted(n[:-4] for n in zf.namelist())})")
-        info = zf.getinfo(member)
-        if info.compress_type != zipfile.ZIP_STORED:
-            with zf.open(member) as f:
-                return np.lib.format.read_array(f)
-        with zf.open(member) as f:
-            shape, fortran, dtype = _read_npy_header(f)
-            header_len = f.tell()
-    with open(path, "rb") as raw:
-        # The member's data starts after its local file header, whose extra field may differ in
-        # length from the central directory's copy, so read it from the local header itself.
-        raw.seek(info.header_offset)
-        local = raw.read(30)
-        if local[:4] != b"PK\x03\x04":
-            raise ValueError(f"{path}: corrupt zip local header for {member}")
-        name_len = int.from_bytes(local[26:28], "little")
-        extra_len = int.from_bytes(local[28:30], "little")
-    offset = info.header_offset + 30 + name_len + extra_len + header_len
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-STRATEGIES = ("ddp", "fsdp", "deepspeed")
-PRECISIONS = ("fp32", "bf16", "fp16")
+from launch.choices import PRECISIONS, STRATEGIES
+
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 

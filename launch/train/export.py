@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from data.fileio import atomic_torch_save
+from runtime.files import atomic_torch_save
 from diffusion_core.openai_compat import load_openai_state_dict, to_openai_state_dict
 from diffusion_core.presets import Preset
-from launch.checkpointing import checkpoint_at, checkpoint_weights, read_meta, read_run_config
+from launch.train.checkpointing import checkpoint_at, checkpoint_weights, read_meta, read_run_config
 from launch.model_io import save_model_file
 
 

@@ -12,13 +12,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-from data.fileio import atomic_write_bytes
+from runtime.files import atomic_write_bytes
 from diffusion_core.diffusion import PerSampleNoise
 from diffusion_core.timestep_sampler import create_named_schedule_sampler
-from launch import train_loop
-from launch.config import DiffusionTrainConfig, resolve
+from launch.train import loop as train_loop
+from launch.train.config import DiffusionTrainConfig, resolve
 from launch.precision import autocast
-from launch.tb_logging import image_grid
+from launch.train.tb_logging import image_grid
 
 
 class DiffusionObjective:
@@ -141,7 +141,7 @@ def train(cfg: DiffusionTrainConfig, run_dir: str | os.PathLike) -> int:
     """Train (or resume) a diffusion model into `run_dir`; returns the final step.
 
     `cfg` may be unresolved (preset recipe values still None). Launch with torchrun/srun for
-    several processes. Raises `launch.train_loop.Preempted` after checkpointing on a stop signal.
+    several processes. Raises `launch.train.loop.Preempted` after checkpointing on a stop signal.
     """
     cfg, preset = resolve(cfg)
     return train_loop.run(cfg, preset, run_dir, DiffusionObjective)

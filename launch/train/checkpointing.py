@@ -1,5 +1,5 @@
 """Training checkpoints: atomic step folders, keep-last-K, resume from the latest complete one,
-preemption signals, and `load_model_from_run` for the sampler.
+and `load_model_from_run` for the sampler.
 
     RUN/checkpoints/step_000012000/
         meta.json        written last: step, world size, strategy, EMA names, the resolved config
@@ -20,17 +20,15 @@ import json
 import os
 import random
 import shutil
-import signal
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from data.fileio import atomic_torch_save, atomic_write_json, fsync_dir
-from launch.distributed import barrier
+from runtime.files import atomic_torch_save, atomic_write_json, fsync_dir
+from runtime.distributed import barrier
 
 FORMAT = "adm-train-checkpoint/1"
 PREFIX = "step_"
@@ -182,57 +180,6 @@ class CheckpointManager:
 
 
 # ----------------------------------------------------------------------------------------------
-# Preemption
-
-class PreemptionWatcher:
-    """Turns SIGTERM / SIGUSR1 / SIGUSR2 into a request to checkpoint and stop at the next step boundary.
-
-    Cooperates with `slurm.preemption.Guard`: where a Guard owns the signals, its state is polled
-    instead of installing handlers over it.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> "PreemptionWatcher":
-        """Take the signals that nobody else handles (call from the main thread)."""
-        for sig in self.SIGNALS:
-            current = signal.getsignal(sig)
-            if current in (signal.SIG_DFL, None) or getattr(current, "__self__", None) is self:
-                self._previous[sig] = current
-                signal.signal(sig, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        """Restore the handlers that were there before `install()`."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous.clear()
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        if self.signum is None:
-            self.signum = signum
-
-    def requested_everywhere(self, device: torch.device) -> bool:
-        """True on every rank when any rank got a signal (a collective: all ranks call it together)."""
-        local = self.signum is not None
-        try:
-            from slurm import preemption
-
-            local = preemption.requested() or local
-        except ImportError:  # pragma: no cover - the slurm folder ships with the package
-            pass
-        if not (dist.is_available() and dist.is_initialized()):
-            return local
-        flag = torch.tensor([int(local)], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-# ----------------------------------------------------------------------------------------------
 # Reading weights back without a process group (sampling, export)
 
 def read_run_config(run_dir: Path) -> dict:
@@ -265,7 +212,7 @@ def checkpoint_weights(folder: Path, module: torch.nn.Module, ema_rate: float | 
     EMA weights (rate `ema_rate`, default: the run's first rate) when the run keeps an EMA and
     `use_ema`; the trained weights otherwise. `module` (meta device is fine) gives names and shapes.
     """
-    from launch.ema import ema_name
+    from launch.train.ema import ema_name
 
     meta = read_meta(folder)
     names = list(meta.get("ema_names", []))

@@ -27,8 +27,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from launch.distributed import DistInfo, free_port
-from launch.ema import EMA
+from runtime.distributed import DistInfo, free_port
+from launch.train.ema import EMA
 from launch.precision import LossScaler, clip_grads_, grad_norm
 
 
@@ -37,7 +37,7 @@ def ensure_process_group(info: DistInfo) -> None:
     if dist.is_initialized():
         return
     if info.world_size != 1:
-        raise AssertionError("launch.distributed.setup() should have created the process group")
+        raise AssertionError("runtime.distributed.setup() should have created the process group")
     backend = "nccl" if info.device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                             rank=0, world_size=1, timeout=datetime.timedelta(minutes=30))

@@ -1,4 +1,9 @@
-"""Preemption and time-limit signals inside a job: let the stage save and stop, then requeue the job.
+"""Preemption and time-limit signals: one flag that every stage polls, and the requeue decision.
+
+The one place that turns SIGTERM / SIGUSR1 / SIGUSR2 into "checkpoint and stop". Under SLURM, a
+`Guard` (installed by slurm/stage_job.py around a stage) owns the signals and requeues the job; under
+torchrun or a plain process, `watch()` installs flag-only handlers. Either way a stage asks
+`requested_everywhere()` at a step boundary.
 
 SLURM sends SIGUSR2 (submitit's signal; SIGUSR1 is treated the same) `signal_delay_s` before a job's
 time limit, and `scancel --signal=USR2 JOB` sends it on demand. SIGTERM comes from `scancel` or from
@@ -31,6 +36,7 @@ REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 _lock = threading.Lock()
 _reason: str | None = None  # None, "requeue" (USR1/USR2) or "stop" (SIGTERM)
+_signal_name: str | None = None  # the first signal that set _reason
 _polled = False
 
 
@@ -48,6 +54,64 @@ def requested() -> bool:
 def reason() -> str | None:
     """"requeue" after SIGUSR1/SIGUSR2, "stop" after SIGTERM, None when no signal came."""
     return _reason
+
+
+def signal_name() -> str | None:
+    """The name of the first stop signal received ("SIGTERM", "SIGUSR2", ...), or None."""
+    return _signal_name
+
+
+def _record(signum: int) -> None:
+    global _reason, _signal_name
+    if _signal_name is None:
+        _signal_name = signal.Signals(signum).name
+    if signum in REQUEUE_SIGNALS:
+        _reason = "requeue"
+    elif _reason is None:
+        _reason = "stop"
+
+
+class Watch:
+    """Flag-only handlers for the stop signals nobody else handles (torchrun, a plain process).
+
+    Where a `Guard` already owns a signal it is left alone: the Guard sets the same flag.
+    """
+
+    SIGNALS = (*REQUEUE_SIGNALS, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "Watch":
+        """Take the signals still at their default action (call from the main thread).
+
+        Without a Guard, a flag left by an earlier stage run in this process is cleared; with one,
+        a signal that came during start-up is kept, so the stage still sees it.
+        """
+        global _reason, _signal_name
+        if all(signal.getsignal(sig) in (signal.SIG_DFL, None) for sig in self.SIGNALS):
+            _reason, _signal_name = None, None
+        for sig in self.SIGNALS:
+            current = signal.getsignal(sig)
+            if current in (signal.SIG_DFL, None):
+                self._previous[sig] = current
+                signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were there before `install()`."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    @staticmethod
+    def _handle(signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
+        _record(signum)
+
+
+def watch() -> Watch:
+    """Install flag-only handlers where no Guard owns the signals; returns the handle to uninstall."""
+    return Watch().install()
 
 
 def requested_everywhere() -> bool:
@@ -91,8 +155,8 @@ class Guard:
 
     def install(self) -> "Guard":
         """Take over SIGUSR1, SIGUSR2 and SIGTERM (call from the main thread)."""
-        global _reason, _polled
-        _reason, _polled = None, False
+        global _reason, _polled, _signal_name
+        _reason, _polled, _signal_name = None, False, None
         for sig in (*REQUEUE_SIGNALS, signal.SIGTERM):
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
@@ -131,11 +195,10 @@ class Guard:
         sys.exit(143)
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
-        global _reason
         name = signal.Signals(signum).name
         if signum in REQUEUE_SIGNALS:
             first = _reason != "requeue"
-            _reason = "requeue"
+            _record(signum)
             print(f"[preemption] rank {process_rank()}: {name}: checkpoint and requeue", file=sys.stderr, flush=True)
             if not _polled:
                 self.requeue_once()
@@ -145,8 +208,7 @@ class Guard:
                 self._timer.start()
             return
         # SIGTERM
-        if _reason is None:
-            _reason = "stop"
+        _record(signum)
         print(f"[preemption] rank {process_rank()}: {name}", file=sys.stderr, flush=True)
         if not _polled or self._finishing:
             raise SystemExit(143)

@@ -48,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from launch.pipeline import StageFailed, describe, load_pipeline, run_local
+    from slurm.pipeline_jobs import check_resources
 
     pipeline = load_pipeline(args.config, out=args.out, variables=_variables(args.var))
+    check_resources(pipeline)  # also with --local: a typo in the file is a typo wherever it runs
     print(describe(pipeline), flush=True)
     cluster = None
     if not args.local:

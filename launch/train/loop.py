@@ -1,6 +1,6 @@
 """The training loop shared by `adm train` (diffusion) and `adm train-classifier`.
 
-An *objective* (launch/train.py, launch/train_classifier.py) says what one micro-batch's loss is and
+An *objective* (launch/train/diffusion.py, launch/train/classifier.py) says what one micro-batch's loss is and
 what is logged; this module does everything else: the run directory, seeds, the strategy, EMA,
 precision, the data stream, checkpoints, preemption and logging. One optimizer step is:
 
@@ -22,22 +22,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.fileio import atomic_write_json
+from runtime import preemption
+from runtime.files import atomic_write_json
+from runtime.preemption import Preempted
 from data.shards import ShardReadError
-from launch import config as config_mod
-from launch import distributed
-from launch.checkpointing import CheckpointManager, PreemptionWatcher, latest_checkpoint, rng_state, set_rng_state
-from launch.ema import EMA
+from launch.train import config as config_mod
+from runtime import distributed
+from launch.train.checkpointing import CheckpointManager, latest_checkpoint, rng_state, set_rng_state
+from launch.train.ema import EMA
 from launch.precision import LossScaler, autocast, check_supported
-from launch.strategies import build_strategy
-from launch.tb_logging import MetricWindow, RunLogger, format_metrics
-from launch.train_perf import Throughput, flops_per_image, peak_flops, peak_memory_gb
+from launch.train.strategies import build_strategy
+from launch.train.tb_logging import MetricWindow, RunLogger, format_metrics
+from launch.train.perf import Throughput, flops_per_image, peak_flops, peak_memory_gb
 
-try:
-    from slurm.preemption import Preempted
-except ImportError:  # pragma: no cover - the slurm folder ships with the package
-    class Preempted(Exception):
-        """Raised after a checkpoint was written because the job was signalled to stop."""
 
 
 def lr_at(cfg, step: int) -> float:
@@ -143,7 +140,7 @@ class Trainer:
         for line in self.logger_lines:
             self.logger.line(line)
         self.window = MetricWindow(self.objective.metric_names, self.objective.num_timesteps, self.device)
-        self.preemption = PreemptionWatcher().install()
+        self.signals = preemption.watch()
         self._grad_norms: list[float] = []
         self._throughput = None
 
@@ -279,11 +276,11 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
                     self._log()
                 self.objective.periodic(self.step, final=self.step == cfg.total_steps)
-                stop = self.preemption.requested_everywhere(self.device)
+                stop = preemption.requested_everywhere()
                 if self.step % cfg.save_every == 0 or self.step == cfg.total_steps or stop:
                     self.save()
                 if stop:
-                    sig = self.preemption.signum
+                    sig = preemption.signal_name()
                     self.logger.line(f"stopping at step {self.step} after a stop signal"
                                      + (f" ({sig})" if sig else "") + "; checkpoint written")
                     raise Preempted(f"checkpoint of step {self.step} written to {self.run_dir}")
@@ -291,7 +288,7 @@ class Trainer:
         finally:
             self.logger.flush()
             self.logger.close()
-            self.preemption.uninstall()
+            self.signals.uninstall()
 
     def _param_count(self) -> int:
         # DTensor.numel() is the global size; ZeRO-3 keeps the full size in ds_numel.

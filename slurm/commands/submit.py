@@ -84,7 +84,7 @@ def split_submit_options(tokens: list[str]) -> tuple[list[str], list[str]]:
 def run(args: argparse.Namespace) -> int:
     """Validate the stage's options, then submit (or print) the job."""
     from slurm import jobs, profiles, submission
-    from slurm.stage_args import parse_stage_args
+    from launch.cli import parse_stage_args
 
     mine, stage_argv = split_submit_options(list(args.stage_args))
     own = argparse.ArgumentParser(prog="adm submit", add_help=False)

@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from launch import train_loop
-from launch.config import ClassifierTrainConfig, resolve
-from launch.tb_logging import MetricWindow, format_metrics
+from launch.train import loop as train_loop
+from launch.train.config import ClassifierTrainConfig, resolve
+from launch.train.tb_logging import MetricWindow, format_metrics
 
 
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, torch.Tensor]:
@@ -133,7 +133,7 @@ def train_classifier(cfg: ClassifierTrainConfig, run_dir: str | os.PathLike) -> 
     """Train (or resume) a noisy classifier into `run_dir`; returns the final step.
 
     `cfg` may be unresolved (preset recipe values still None). Raises
-    `launch.train_loop.Preempted` after checkpointing on a stop signal.
+    `launch.train.loop.Preempted` after checkpointing on a stop signal.
     """
     cfg, preset = resolve(cfg)
     return train_loop.run(cfg, preset, run_dir, ClassifierObjective)

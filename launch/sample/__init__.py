@@ -1,0 +1,1 @@
+"""The sampling job: guided sampling with per-index seeds, shards, the merged .npz."""

@@ -1,0 +1,1 @@
+"""Command modules of `adm submit` and `adm pipeline` (found by launch.cli through its table)."""
