@@ -155,10 +155,10 @@ def _parse_interval(value: str, text: str, num_timesteps: int) -> GuidanceInterv
     scale_text, _, bounds_text = text.partition("@")
     bounds = bounds_text.split(":")
     try:
-        lo, hi = (float(b) for b in bounds) if len(bounds) == 2 else (None, None)
+        lo, hi = float(bounds[0]), float(bounds[-1])
     except ValueError:
         lo = hi = None
-    if "@" in bounds_text or lo is None or not scale_text.strip():
+    if len(bounds) != 2 or lo is None or not scale_text.strip():
         raise ValueError(f"cannot read guidance scale {value!r}; {_SCALE_SYNTAX}")
     return GuidanceInterval(parse_guidance_scale(scale_text, num_timesteps), lo, hi)
 
