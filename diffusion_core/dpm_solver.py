@@ -1,5 +1,5 @@
 """Multistep DPM-Solver++ (Lu et al. 2022) for ADM models, on the continuous-time view of the
-discrete training schedule (see /work/shared/FAST_SAMPLERS.md for the facts restated here).
+discrete training schedule (the facts are restated from the project notes FAST_SAMPLERS.md).
 
 Continuous time. The unspaced process has N steps; discrete index n = 0..N-1 sits at
 t_n = (n + 1) / N, so t runs from 1/N to 1. log alpha(t_n) = 0.5 log abar_n, and log alpha(t) is
