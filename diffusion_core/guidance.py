@@ -1,13 +1,14 @@
 """Guidance for sampling: classifier gradients, classifier-free guidance, and scale schedules.
 
 Timesteps seen here are always ORIGINAL timesteps (0..T-1 of the training chain): the diffusion
-object maps respaced indices before it calls a model or a cond_fn.
+object maps respaced indices before it calls a model or a cond_fn. They are int64 from the DDPM
+and DDIM loops and float32 (possibly fractional) from the DPM-Solver; everything here takes both.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Union
 
 import torch
@@ -51,14 +52,76 @@ class GuidanceSchedule:
         return end + (start - end) * w
 
 
+@dataclass(frozen=True)
+class GuidanceInterval:
+    """Guidance limited to an interval of timesteps (Kynkaenniemi et al. 2024).
+
+    The scale is `scale` (a number, a GuidanceSchedule or a callable of t) for original
+    timesteps lo <= t <= hi (inclusive; t may be fractional, e.g. the DPM-Solver's float32
+    times) and `outside` elsewhere. `outside=None` means "no guidance" there, which depends on
+    the kind: classifier_cond_fn reads it as 0 (no gradient), ClassifierFreeGuidance as 1 (the
+    plain conditional model, as in the paper; 0 would be the unconditional model). String form:
+    "SCALE@LO:HI", e.g. "4@200:800" or "linear:4:1@0:600" (see parse_guidance_scale). Outside
+    the interval the networks still run (their share is multiplied away), so the loops never
+    wait for the host to decide. Returns a float64 tensor of per-sample scales like t.
+    """
+
+    scale: Union[float, "GuidanceSchedule", Callable[[torch.Tensor], torch.Tensor]] = 1.0
+    lo: float = 0.0
+    hi: float = 999.0
+    outside: Optional[float] = None
+
+    def __post_init__(self):
+        if isinstance(self.scale, (str, bool)) or not (
+            isinstance(self.scale, (int, float)) or callable(self.scale)
+        ):
+            raise ValueError(
+                f"GuidanceInterval.scale must be a number, a GuidanceSchedule or a callable of t, got "
+                f"{self.scale!r}; parse a string with parse_guidance_scale('S@LO:HI')"
+            )
+        for name in ("lo", "hi"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"guidance interval bound {name} must be a finite number, got {value!r}")
+        if not 0 <= self.lo <= self.hi:
+            raise ValueError(
+                f"guidance interval [{self.lo}, {self.hi}] needs 0 <= LO <= HI (original timesteps, inclusive)"
+            )
+        if self.outside is not None and (isinstance(self.outside, bool) or not isinstance(self.outside, (int, float))):
+            raise ValueError(f"GuidanceInterval.outside must be a number or None, got {self.outside!r}")
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        if isinstance(self.scale, (int, float)):
+            inside = torch.full(t.shape, float(self.scale), dtype=torch.float64, device=t.device)
+        else:
+            inside = torch.as_tensor(self.scale(t), device=t.device).to(torch.float64).expand(t.shape)
+        t64 = t.to(torch.float64)
+        outside = 0.0 if self.outside is None else float(self.outside)
+        return torch.where((t64 >= self.lo) & (t64 <= self.hi), inside, torch.full_like(inside, outside))
+
+    def with_outside(self, value: float) -> "GuidanceInterval":
+        """This interval with `outside` set to `value` if it was None ("no guidance")."""
+        return self if self.outside is not None else replace(self, outside=float(value))
+
+
 ScaleLike = Union[float, int, str, Callable[[torch.Tensor], torch.Tensor]]
+
+_SCALE_SYNTAX = (
+    "use a number ('2.5'), 'constant:S', 'linear:START:END' or 'cosine:START:END' (START at the noisiest "
+    "step, END at t=0), optionally limited to original timesteps LO..HI (inclusive) with '@LO:HI', "
+    "e.g. '4@200:800'"
+)
 
 
 def parse_guidance_scale(value: ScaleLike, num_timesteps: int = 1000):
     """Turn a user's scale into a float or a schedule.
 
     Accepts a number, a callable of t, or a string: "2.5" (constant), "linear:START:END" or
-    "cosine:START:END" (START at the noisiest step, END at t = 0), "constant:S".
+    "cosine:START:END" (START at the noisiest step, END at t = 0), "constant:S", and any of
+    these followed by "@LO:HI" for a guidance interval: the scale applies only at original
+    timesteps LO <= t <= HI and guidance is off elsewhere (GuidanceInterval), e.g. "4@200:800",
+    "linear:4:1@0:600".
     """
     if callable(value) and not isinstance(value, (int, float, str)):
         return value
@@ -68,6 +131,8 @@ def parse_guidance_scale(value: ScaleLike, num_timesteps: int = 1000):
         return float(value)
     if isinstance(value, str):
         text = value.strip()
+        if "@" in text:
+            return _parse_interval(value, text, num_timesteps)
         try:
             return float(text)
         except ValueError:
@@ -82,11 +147,20 @@ def parse_guidance_scale(value: ScaleLike, num_timesteps: int = 1000):
                 return GuidanceSchedule("constant", numbers[0], None, num_timesteps)
             if parts[0] != "constant" and numbers is not None and len(numbers) == 2:
                 return GuidanceSchedule(parts[0], numbers[0], numbers[1], num_timesteps)
-        raise ValueError(
-            f"cannot read guidance scale {value!r}; use a number ('2.5'), 'constant:S', "
-            f"'linear:START:END' or 'cosine:START:END' (START at the noisiest step, END at t=0)"
-        )
+        raise ValueError(f"cannot read guidance scale {value!r}; {_SCALE_SYNTAX}")
     raise ValueError(f"guidance scale must be a number, a string or a callable, got {type(value).__name__}")
+
+
+def _parse_interval(value: str, text: str, num_timesteps: int) -> GuidanceInterval:
+    scale_text, _, bounds_text = text.partition("@")
+    bounds = bounds_text.split(":")
+    try:
+        lo, hi = float(bounds[0]), float(bounds[-1])
+    except ValueError:
+        lo = hi = None
+    if len(bounds) != 2 or lo is None or not scale_text.strip():
+        raise ValueError(f"cannot read guidance scale {value!r}; {_SCALE_SYNTAX}")
+    return GuidanceInterval(parse_guidance_scale(scale_text, num_timesteps), lo, hi)
 
 
 def _per_sample_scale(scale, t: torch.Tensor, dtype: torch.dtype, ndim: int):
@@ -122,12 +196,16 @@ def classifier_cond_fn(classifier: nn.Module, scale: ScaleLike):
 
     cond_fn returns scale(t) * d/dx sum_i log_softmax(classifier(x, t))[i, y_i]: one forward
     and one backward for the whole batch, at the given noisy x, with `t` the original
-    timesteps. The gradient is float32 (float64 if x is float64) even when the classifier runs
-    under autocast; it works when the caller is inside torch.no_grad. `scale` is a number, a
-    schedule string (see parse_guidance_scale) or a callable of t. Raises ValueError if y is
-    missing or a label is outside the classifier's classes.
+    timesteps (int64, or float32 and fractional from the DPM-Solver; the classifier's sinusoidal
+    embedding takes both). The gradient is float32 (float64 if x is float64) even when the
+    classifier runs under autocast; it works when the caller is inside torch.no_grad. `scale` is
+    a number, a schedule string (see parse_guidance_scale) or a callable of t; outside a
+    guidance interval ("S@LO:HI") the scale is 0. Raises ValueError if y is missing or a label
+    is outside the classifier's classes.
     """
     parsed = parse_guidance_scale(scale)
+    if isinstance(parsed, GuidanceInterval):
+        parsed = parsed.with_outside(0.0)
 
     def cond_fn(x: torch.Tensor, t: torch.Tensor, y=None, **kwargs) -> torch.Tensor:
         out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -160,7 +238,8 @@ class ClassifierFreeGuidance(nn.Module):
     guides. By default the combination covers all output channels (eps and the learned-variance
     channels); `guide_variance=False` keeps the conditional model's variance channels (the second
     half of the channels when the model outputs 2*C). Other tensor kwargs whose first dimension
-    is the batch (e.g. `low_res`) are duplicated for both halves.
+    is the batch (e.g. `low_res`) are duplicated for both halves. Outside a guidance interval
+    ("W@LO:HI", GuidanceInterval with outside=None) w = 1: the conditional model, unguided.
     """
 
     def __init__(self, model: nn.Module, scale: ScaleLike, null_label: int, guide_variance: bool = True):
@@ -172,6 +251,9 @@ class ClassifierFreeGuidance(nn.Module):
             )
         self.model = model
         self.scale = parse_guidance_scale(scale)
+        if isinstance(self.scale, GuidanceInterval):
+            # "No guidance" for CFG is w = 1 (conditional); w = 0 would be the unconditional model.
+            self.scale = self.scale.with_outside(1.0)
         self.null_label = null_label
         self.guide_variance = guide_variance
 
@@ -205,7 +287,7 @@ def guided_sampling(
     cfg_scale: Optional[ScaleLike] = None,
     null_label: Optional[int] = None,
 ):
-    """Combine the guidance options into `(model, cond_fn)` for p_sample_loop / ddim_sample_loop.
+    """Combine the guidance options into `(model, cond_fn)` for the DDPM, DDIM and DPM-Solver loops.
 
     - classifier guidance only: `guided_sampling(model, classifier, classifier_scale=s)`;
     - classifier-free only: `guided_sampling(model, cfg_scale=w, null_label=num_classes)`;

@@ -9,6 +9,7 @@ import torch.nn as nn
 from diffusion_core.diffusion import create_diffusion
 from diffusion_core.guidance import (
     ClassifierFreeGuidance,
+    GuidanceInterval,
     GuidanceSchedule,
     classifier_cond_fn,
     guided_sampling,
@@ -315,3 +316,71 @@ def test_classifier_free_guidance_errors():
         guided_sampling(inner, classifier_scale=2.0)
     model, cond_fn = guided_sampling(inner)
     assert model is inner and cond_fn is None
+
+
+# ---------------------------------------------------------------------------- guidance intervals
+
+
+def test_guidance_interval_values_and_endpoints():
+    t = torch.tensor([0, 199, 200, 500, 800, 801, 999])
+    interval = GuidanceInterval(4.0, 200, 800)
+    assert interval(t).dtype == torch.float64
+    assert interval(t).tolist() == [0, 0, 4, 4, 4, 0, 0]  # inclusive at both ends
+    assert interval(torch.tensor([199.75, 200.0, 800.0, 800.25])).tolist() == [0, 4, 4, 0]  # float times
+    assert GuidanceInterval(4.0, 200, 800, outside=1.0)(t).tolist() == [1, 1, 4, 4, 4, 1, 1]
+    linear = GuidanceSchedule("linear", 3.0, 1.0)
+    torch.testing.assert_close(GuidanceInterval(linear, 0, 500)(t), linear(t) * (t <= 500))
+    with pytest.raises(ValueError, match="LO <= HI"):
+        GuidanceInterval(4.0, 800, 200)
+    with pytest.raises(ValueError, match="LO <= HI"):
+        GuidanceInterval(4.0, -1, 200)
+    with pytest.raises(ValueError, match="parse a string"):
+        GuidanceInterval("4", 0, 200)
+
+
+def test_guidance_interval_string_syntax():
+    assert parse_guidance_scale("4@200:800") == GuidanceInterval(4.0, 200.0, 800.0)
+    assert parse_guidance_scale(" linear:4:1@0:600.5 ") == GuidanceInterval(GuidanceSchedule("linear", 4.0, 1.0), 0.0, 600.5)
+    assert parse_guidance_scale("cosine:4:1@0:60", num_timesteps=100).scale.num_timesteps == 100
+    for bad in ("4@200", "4@a:800", "@200:800", "4@1:2@3:4", "4@200:800:5", "abc@1:2"):
+        with pytest.raises(ValueError, match="cannot read guidance scale"):
+            parse_guidance_scale(bad)
+    with pytest.raises(ValueError, match="LO <= HI"):
+        parse_guidance_scale("4@800:200")
+
+
+def test_guidance_interval_for_classifier_and_classifier_free():
+    clf = SmallClassifier()
+    x, t, y = torch.randn(3, 2, 2, 2), torch.tensor([100, 200, 999]), torch.tensor([0, 1, 2])
+    unit = classifier_cond_fn(clf, 1.0)(x, t, y=y)
+    got = classifier_cond_fn(clf, "4@200:800")(x, t, y=y)  # outside: no gradient (scale 0)
+    torch.testing.assert_close(got, unit * torch.tensor([0.0, 4.0, 0.0]).view(3, 1, 1, 1))
+    inner = RecordingConditional()
+    xs, ys = torch.randn(3, 1, 2, 2), torch.tensor([1, 3, 0])
+    out = ClassifierFreeGuidance(inner, "3@200:800", null_label=4)(xs, t, y=ys)
+    cond = xs * (ys.double() + 1).float().view(3, 1, 1, 1)
+    uncond = xs * 5.0
+    # Outside: w = 1, the conditional model (not w = 0, the unconditional one).
+    eps = torch.stack([cond[0], uncond[1] + 3.0 * (cond[1] - uncond[1]), cond[2]])
+    torch.testing.assert_close(out, torch.cat([eps, -eps], dim=1))
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_guidance_interval_in_the_loops(kind, labels):
+    y = labels[:16]
+    unconditional = lambda x, t, y=None: mixture_eps(x, t)  # noqa: E731
+    clf = MixtureClassifier()
+    # _sample respaces to 100 steps (about every 10th original timestep); the interval sees those.
+    everywhere = _sample(kind, unconditional, classifier_cond_fn(clf, 2.0), y)
+    torch.testing.assert_close(_sample(kind, unconditional, classifier_cond_fn(clf, "2@0:999"), y), everywhere)
+    nowhere = _sample(kind, unconditional, classifier_cond_fn(clf, "2@1000:2000"), y)
+    torch.testing.assert_close(nowhere, _sample(kind, unconditional, None, y))
+    partial = _sample(kind, unconditional, classifier_cond_fn(clf, "2@300:700"), y)
+    by_hand = classifier_cond_fn(clf, lambda t: 2.0 * ((t >= 300) & (t <= 700)).double())
+    torch.testing.assert_close(partial, _sample(kind, unconditional, by_hand, y))
+    assert not torch.allclose(partial, everywhere) and not torch.allclose(partial, nowhere)
+    # Classifier-free: outside the interval the loops see the plain conditional model.
+    model = lambda x, t, y=None: mixture_eps(x, t, y)  # noqa: E731
+    conditional = _sample(kind, lambda x, t, y=None: model(x, t, y), None, y)
+    outside = _sample(kind, ClassifierFreeGuidance(model, "3@1000:2000", null_label=2), None, y)
+    torch.testing.assert_close(outside, conditional)
