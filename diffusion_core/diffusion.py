@@ -552,6 +552,21 @@ class GaussianDiffusion:
             yield out
             img = out["sample"]
 
+    def dpm_solver_sample_loop(
+        self, model, shape, noise=None, cond_fn=None, model_kwargs=None, device=None, progress=False, *,
+        steps=20, order=2, skip_type="time_uniform", lower_order_final=True, thresholding=False, step_noise=None,
+    ):
+        """Multistep DPM-Solver++ in `steps` network evaluations on this (unspaced) process; returns the
+        final sample, not clipped. Networks and cond_fn get float32 times on the original index scale.
+        See diffusion_core/dpm_solver.py and docs/sampling.md."""
+        from diffusion_core.dpm_solver import dpm_solver_sample_loop
+
+        return dpm_solver_sample_loop(
+            self, model, shape, noise, cond_fn, model_kwargs, device, progress, steps=steps, order=order,
+            skip_type=skip_type, lower_order_final=lower_order_final, thresholding=thresholding,
+            step_noise=step_noise,
+        )
+
     def ddim_reverse_sample_loop(self, model, x_start, clip_denoised=True, model_kwargs=None, progress=False):
         """Encode x_0 to x_T with deterministic reverse DDIM steps (the inverse of eta=0 sampling)."""
         img = x_start

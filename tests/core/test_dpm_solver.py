@@ -429,3 +429,13 @@ def test_classifier_cond_fn_takes_float_timesteps():
     fractional = cond_fn(x, torch.tensor([500.5, 3.25]), y=y)
     assert fractional.dtype == torch.float32 and torch.isfinite(fractional).all()
     assert not torch.equal(fractional, as_float)
+
+
+def test_the_diffusion_object_offers_the_solver():
+    from diffusion_core.diffusion import create_diffusion
+
+    d = create_diffusion(learn_sigma=False)
+    model = lambda x, t: 0.1 * x  # noqa: E731
+    x_t = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    direct = dpm_solver_sample_loop(d, model, x_t.shape, noise=x_t, steps=6)
+    torch.testing.assert_close(d.dpm_solver_sample_loop(model, x_t.shape, noise=x_t, steps=6), direct, rtol=0, atol=0)
