@@ -141,8 +141,9 @@ def _load(path: Path) -> Any:
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
 
-        allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum]
+        allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
     except ImportError:
         allowed = []
     with torch.serialization.safe_globals(allowed):
