@@ -17,8 +17,13 @@ A stage takes part by polling at a safe point (a step boundary), writing a check
         raise preemption.Preempted("saved step 1200")
 
 Polling once marks the stage as cooperative: a later signal then waits (up to a grace period) for it
-to stop by itself. A stage that never polls is treated as SLURM would treat it: a requeue signal
-requeues at once (the rerun resumes from the latest periodic checkpoint) and SIGTERM ends it.
+to stop by itself. A stage known to poll (`Guard(..., cooperative=True)`: training) is cooperative
+from the start, so a requeue signal that arrives during its start-up (a short time limit, a signal
+sent early) does not requeue a job that has done nothing: the stage sees the flag at its first poll,
+after making progress, checkpoints and stops. A stage that never polls is treated as SLURM would
+treat it: a requeue signal requeues at once (the rerun resumes from the latest periodic checkpoint)
+and SIGTERM ends it. Whenever the Guard requeues without the stage having stopped by itself, it
+says why on stderr (the job's log).
 
 This module imports nothing heavy: stages may import it unconditionally; outside a job it never
 reports a request.
@@ -145,9 +150,10 @@ class Guard:
     thread when a polling stage overruns `grace_s`, or from `finish_preempted()` after it stopped.
     """
 
-    def __init__(self, requeue: Callable[[], None], grace_s: float) -> None:
+    def __init__(self, requeue: Callable[[], None], grace_s: float, cooperative: bool = False) -> None:
         self._requeue = requeue
         self._grace_s = grace_s
+        self._cooperative = cooperative  # the stage is known to poll, even before its first poll
         self._timer: threading.Timer | None = None
         self._requeued = False
         self._finishing = False
@@ -200,9 +206,15 @@ class Guard:
             first = _reason != "requeue"
             _record(signum)
             print(f"[preemption] rank {process_rank()}: {name}: checkpoint and requeue", file=sys.stderr, flush=True)
-            if not _polled:
+            if not _polled and not self._cooperative:
+                print(f"[preemption] rank {process_rank()}: this stage does not poll for signals: requeueing at once; "
+                      "it resumes from its latest periodic checkpoint", file=sys.stderr, flush=True)
                 self.requeue_once()
             elif first:
+                if not _polled:
+                    print(f"[preemption] rank {process_rank()}: {name} arrived during start-up: the stage checkpoints "
+                          f"after its first steps and stops (requeue forced after {self._grace_s:.0f}s)",
+                          file=sys.stderr, flush=True)
                 self._timer = threading.Timer(self._grace_s, self._overrun)
                 self._timer.daemon = True
                 self._timer.start()
@@ -214,6 +226,9 @@ class Guard:
             raise SystemExit(143)
 
     def _overrun(self) -> None:
-        print(f"[preemption] stage did not stop within {self._grace_s:.0f}s: requeueing now", file=sys.stderr,
-              flush=True)
+        started = "" if _polled else " (it was still starting up: it never reached a step)"
+        print(f"[preemption] rank {process_rank()}: the stage did not checkpoint and stop within {self._grace_s:.0f}s "
+              f"of the signal{started}: requeueing now without a new checkpoint; it resumes from its latest one. "
+              "If this repeats, the job's time limit leaves too little time after start-up: raise time_min or "
+              "signal_delay_s / preempt_grace_s in the cluster profile", file=sys.stderr, flush=True)
         self.requeue_once()

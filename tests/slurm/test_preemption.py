@@ -23,16 +23,19 @@ CHILD = textwrap.dedent("""
     poll = sys.argv[2] == "poll"
     ignore = sys.argv[2] == "ignore"  # polls, but never stops
     grace = float(sys.argv[3])
+    cooperative = len(sys.argv) > 4 and sys.argv[4] == "cooperative"
 
     def requeue():
         with open(out / "requeued", "a") as f:
-            f.write("x")
+            f.write("after-save" if (out / "saved").exists() else "before-save")
         sys.exit(-1)  # what submitit's handler does on rank 0
 
-    guard = preemption.Guard(requeue, grace_s=grace).install()
+    guard = preemption.Guard(requeue, grace_s=grace, cooperative=cooperative).install()
     try:
         step = 0
         (out / "ready").write_text("1")
+        if cooperative:
+            time.sleep(1.5)  # start-up: imports, building the model... no polling yet
         while step < 400:
             if ignore:
                 preemption.requested()
@@ -49,8 +52,9 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _start(tmp_path, mode: str, grace: float = 30.0) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), mode, str(grace)],
+def _start(tmp_path, mode: str, grace: float = 30.0, cooperative: bool = False) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), mode, str(grace),
+                             "cooperative" if cooperative else "plain"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     while not (tmp_path / "ready").exists():
@@ -66,7 +70,7 @@ def test_polling_stage_saves_then_requeues(tmp_path, sig):
     proc.send_signal(sig)
     output = proc.communicate(timeout=30)[0]
     assert (tmp_path / "saved").exists(), output
-    assert (tmp_path / "requeued").read_text() == "x"  # exactly once
+    assert (tmp_path / "requeued").read_text() == "after-save"  # exactly once
     assert not (tmp_path / "finished").exists()
     assert "checkpoint and requeue" in output
 
@@ -77,8 +81,17 @@ def test_stage_that_never_polls_is_requeued_at_once(tmp_path):
     proc.send_signal(signal.SIGUSR2)
     proc.communicate(timeout=30)
     assert time.monotonic() - sent < 5
-    assert (tmp_path / "requeued").read_text() == "x"
+    assert (tmp_path / "requeued").read_text() == "before-save"
     assert not (tmp_path / "saved").exists() and not (tmp_path / "finished").exists()
+
+
+def test_signal_during_start_up_of_a_polling_stage_waits_for_its_checkpoint(tmp_path):
+    """A stage known to poll is not requeued with nothing done when the signal beats its first poll."""
+    proc = _start(tmp_path, "poll", cooperative=True)
+    proc.send_signal(signal.SIGUSR2)  # while it is still "starting up"
+    output = proc.communicate(timeout=30)[0]
+    assert (tmp_path / "requeued").read_text() == "after-save", output
+    assert "arrived during start-up" in output and "requeueing at once" not in output
 
 
 def test_polling_stage_that_overruns_its_grace_is_requeued_anyway(tmp_path):
@@ -91,7 +104,8 @@ def test_polling_stage_that_overruns_its_grace_is_requeued_anyway(tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.kill()  # SLURM's requeue would end it
-    proc.communicate()
+    output = proc.communicate()[0]
+    assert "did not checkpoint and stop within 1s" in output and "resumes from its latest one" in output
 
 
 def test_sigterm_stops_without_requeue(tmp_path):
@@ -110,3 +124,46 @@ def test_outside_a_job_nothing_is_requested():
     from runtime import preemption
 
     assert preemption.requested() is False and preemption.requested_everywhere() is False
+
+
+TRAINER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from launch.train.checkpointing import latest_checkpoint
+    from slurm.stage_job import StageJob
+
+    run_dir, data, events = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+
+    def requeue():  # what submitit would do: here, note the checkpoint the rerun would resume from
+        latest = latest_checkpoint(run_dir)
+        events.write_text(latest.name if latest else "no checkpoint")
+
+    StageJob("train", ["--run-dir", str(run_dir), "--data", data, "--set", "total_steps=40", "save_every=100",
+                       "log_every=1", "num_workers=2", "model.dropout=0.1", "progress=false"],
+             grace_s=300).run_guarded(requeue)
+""")
+
+
+@pytest.mark.slow
+def test_training_signalled_during_start_up_checkpoints_progress_before_requeueing(tmp_path, shards):
+    """The time-limit signal comes while `adm train` is still starting (a short --time): the job must
+    not be requeued with nothing done; it trains, checkpoints and then requeues."""
+    run_dir, events = tmp_path / "run", tmp_path / "requeued-at"
+    proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(run_dir), str(shards), str(events)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    for line in proc.stdout:  # the stage parsed its options and starts: the Guard is in place
+        lines.append(line)
+        if line.startswith("[adm] rank 0/1"):
+            break
+    assert not (run_dir / "log.txt").exists()  # still before the first step
+    proc.send_signal(signal.SIGUSR2)
+    output = "".join(lines) + proc.communicate(timeout=600)[0]
+    assert proc.returncode == 143, output[-3000:]
+    assert "arrived during start-up" in output and "requeueing at once" not in output
+    requeued_at = events.read_text()
+    assert requeued_at.startswith("step_"), output[-3000:]  # a checkpoint with progress existed
+    stopped = int(requeued_at[len("step_"):])
+    assert 1 <= stopped < 40
+    assert f"stopping at step {stopped} after a stop signal (SIGUSR2)" in (run_dir / "log.txt").read_text()
