@@ -56,14 +56,18 @@ class GuardedJob(submitit.helpers.Checkpointable):
     def run_guarded(self, requeue):
         """Run `work()` with runtime.preemption's handlers; `requeue()` requeues the job (see Guard)."""
         guard = preemption.Guard(requeue, self.grace_s, cooperative=self.polls_preemption()).install()
+        done = False
         try:
-            return self.work()
+            result = self.work()
+            done = True
+            return result
         except preemption.Preempted as stop:
             print(f"[adm] rank {preemption.process_rank()}: stopped early: {stop}", flush=True)
             guard.finish_preempted()
             raise  # not reached: finish_preempted exits
         finally:
-            guard.uninstall()
+            # A signal after the work completed (the time limit came as it finished) changes nothing.
+            guard.uninstall(work_done=done)
 
 
 class StageJob(GuardedJob):

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -278,6 +279,7 @@ class Trainer:
         """
         cfg, info = self.cfg, self.info
         self.stop_poll = StopPoll(cfg.preempt_check_every, self.device)
+        self._saved_step, self._longest_save_s, self._training_on = self.step, 0.0, False
         self._start_throughput()
         self.logger.line(f"{cfg.kind} training: preset {self.preset.name}, {self._param_count():,} parameters, "
                          f"strategy {cfg.strategy}, precision {cfg.precision}, world size {info.world_size}, "
@@ -298,7 +300,9 @@ class Trainer:
                 # A host-side flag, agreed by the ranks only at check steps (launch/train/stop_poll.py).
                 stop = self.stop_poll.agree(self.step) if self.stop_poll.due(self.step, save_due) else None
                 stop = stop if not final else None  # a finished run just ends
-                if save_due or stop:
+                if stop == "requeue" and self._train_on_after_requeue_signal():
+                    stop = None
+                if (save_due or stop) and self._saved_step != self.step:
                     self.save()
                 if stop:
                     sig = preemption.signal_name()
@@ -310,6 +314,23 @@ class Trainer:
             self.logger.flush()
             self.logger.close()
             self.signals.uninstall()
+
+    def _train_on_after_requeue_signal(self) -> bool:
+        """After an agreed requeue (time-limit) signal: checkpoint the progress at once, then keep
+        training while every rank's Guard leaves time for another check interval and two checkpoint
+        writes before it forces the requeue; returns whether to train on (agreed by all ranks).
+
+        Without a Guard (torchrun, a plain process) there is no such time: the run stops here.
+        """
+        if not self._training_on and self._saved_step != self.step:
+            self.save()
+        reserve = 2.0 * self._longest_save_s + self.stop_poll.seconds_between_checks + 5.0
+        spare = self.stop_poll.time_to_spare(reserve)
+        if spare and not self._training_on:
+            self.logger.line(f"requeue signal ({preemption.signal_name()}) at step {self.step}: checkpoint written; "
+                             "training on while the time before the requeue allows")
+        self._training_on = spare
+        return spare
 
     def _param_count(self) -> int:
         # DTensor.numel() is the global size; ZeRO-3 keeps the full size in ds_numel.
@@ -370,7 +391,10 @@ class Trainer:
         meta = {"strategy": self.cfg.strategy, "zero_stage": self.cfg.zero_stage if self.cfg.strategy == "deepspeed" else None,
                 "kind": self.cfg.kind, "preset": self.preset.name, "ema_names": list(self.ema.names),
                 "images_seen": self.images_seen}
+        started = time.monotonic()
         folder = self.ckpt.save(self.step, self.strategy, self.ema, trainer_state, rank_state, meta)
+        self._saved_step = self.step
+        self._longest_save_s = max(getattr(self, "_longest_save_s", 0.0), time.monotonic() - started)
         self.logger.line(f"checkpoint {folder}")
         return folder
 

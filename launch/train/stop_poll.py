@@ -12,6 +12,9 @@ pay; yet every rank must stop after the same step. So the ranks agree only at *c
 The interval to the next check is agreed in the same all-reduce (the smallest any rank asks for),
 so all ranks meet at the same steps. A signal is acted on at the next check step: within
 `preempt_check_every` steps or about `CHECK_INTERVAL_S` seconds, well inside SLURM's signal delay.
+
+After a requeue (time-limit) signal under a Guard, `time_to_spare()` tells the trainer whether all
+ranks still have time to train on before the Guard's forced requeue (see Trainer.fit).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ class StopPoll:
         self.device = device
         self._next: int | None = None  # None: check after the first step
         self._mark: tuple[int, float] | None = None  # (step, time) of the last check
+        self.seconds_between_checks = 0.0  # measured between the last two checks
         # Marks this stage as one that polls: a signal now waits for the next check (runtime.preemption).
         preemption.requested()
 
@@ -53,7 +57,8 @@ class StopPoll:
         now = time.monotonic()
         interval = 1
         if self._mark is not None and step > self._mark[0]:
-            per_step = max((now - self._mark[1]) / (step - self._mark[0]), 1e-9)
+            self.seconds_between_checks = now - self._mark[1]
+            per_step = max(self.seconds_between_checks / (step - self._mark[0]), 1e-9)
             interval = max(1, min(self.every, math.floor(self.interval_s / per_step)))
         code = _CODES[preemption.reason() if preemption.requested() else None]
         if _process_group():
@@ -66,6 +71,22 @@ class StopPoll:
         self._next = step + interval
         self._mark = (step, time.monotonic())
         return _REASONS[code]
+
+    def time_to_spare(self, reserve_s: float) -> bool:
+        """After an agreed requeue signal: whether every rank has more than `reserve_s` seconds (the
+        largest any rank asks for) before its Guard forces the requeue. A collective.
+
+        False when a rank knows no deadline (no Guard: torchrun or a plain process).
+        """
+        deadline = preemption.requeue_deadline()
+        left = deadline - time.monotonic() if deadline is not None else 0.0
+        if _process_group():
+            device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            packed = torch.tensor([-round(left * 1000), round(reserve_s * 1000)], dtype=torch.int64, device=device)
+            dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+            neg_left, reserve_ms = packed.tolist()
+            left, reserve_s = -neg_left / 1000, reserve_ms / 1000
+        return left > reserve_s
 
 
 __all__ = ["StopPoll", "CHECK_INTERVAL_S"]

@@ -6,6 +6,7 @@ for one that polls, never after SIGTERM.
 """
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -138,18 +139,21 @@ TRAINER = textwrap.dedent("""
         latest = latest_checkpoint(run_dir)
         events.write_text(latest.name if latest else "no checkpoint")
 
-    StageJob("train", ["--run-dir", str(run_dir), "--data", data, "--set", "total_steps=40", "save_every=100",
+    StageJob("train", ["--run-dir", str(run_dir), "--data", data, "--set", "total_steps=100000", "save_every=100000",
                        "log_every=1", "num_workers=2", "model.dropout=0.1", "progress=false"],
-             grace_s=300).run_guarded(requeue)
+             grace_s=float(sys.argv[4])).run_guarded(requeue)
 """)
 
 
 @pytest.mark.slow
-def test_training_signalled_during_start_up_checkpoints_progress_before_requeueing(tmp_path, shards):
-    """The time-limit signal comes while `adm train` is still starting (a short --time): the job must
-    not be requeued with nothing done; it trains, checkpoints and then requeues."""
-    run_dir, events = tmp_path / "run", tmp_path / "requeued-at"
-    proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(run_dir), str(shards), str(events)],
+@pytest.mark.parametrize("sig", ["SIGUSR2", "SIGUSR1"])
+def test_training_signalled_during_start_up_checkpoints_progress_before_requeueing(tmp_path, shards, sig):
+    """A signal comes while `adm train` is still starting (a short --time): the job must not be
+    requeued with nothing done. After the time-limit warning (SIGUSR2) it checkpoints after its first
+    step, trains on while the grace period allows, checkpoints again and then requeues, well before
+    the Guard would force it; after SIGUSR1 (preemption: now) it requeues after its first checkpoint."""
+    run_dir, events, grace = tmp_path / "run", tmp_path / "requeued-at", 25.0
+    proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(run_dir), str(shards), str(events), str(grace)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     lines = []
@@ -158,12 +162,48 @@ def test_training_signalled_during_start_up_checkpoints_progress_before_requeuei
         if line.startswith("[adm] rank 0/1"):
             break
     assert not (run_dir / "log.txt").exists()  # still before the first step
-    proc.send_signal(signal.SIGUSR2)
+    proc.send_signal(getattr(signal, sig))
+    sent = time.monotonic()
     output = "".join(lines) + proc.communicate(timeout=600)[0]
     assert proc.returncode == 143, output[-3000:]
+    assert time.monotonic() - sent < grace, output[-3000:]  # it stopped by itself, before the forced requeue
     assert "arrived during start-up" in output and "requeueing at once" not in output
+    assert "did not checkpoint and stop" not in output
     requeued_at = events.read_text()
     assert requeued_at.startswith("step_"), output[-3000:]  # a checkpoint with progress existed
     stopped = int(requeued_at[len("step_"):])
-    assert 1 <= stopped < 40
-    assert f"stopping at step {stopped} after a stop signal (SIGUSR2)" in (run_dir / "log.txt").read_text()
+    log = (run_dir / "log.txt").read_text()
+    assert f"stopping at step {stopped} after a stop signal ({sig})" in log
+    first = re.search(rf"requeue signal \({sig}\) at step (\d+): checkpoint written; training on", log)
+    if sig == "SIGUSR2":
+        assert first and 1 <= int(first.group(1)) < stopped, log[-3000:]  # progress saved early, then more
+    else:
+        assert first is None and stopped == 1, log[-3000:]  # the first check, after the first step
+
+
+FINISHED = textwrap.dedent("""
+    import os, signal, sys, time
+    from pathlib import Path
+    from slurm.stage_job import GuardedJob
+
+    out = Path(sys.argv[1])
+
+    class Quick(GuardedJob):
+        def work(self):
+            return 0
+
+    def requeue():
+        (out / "requeued").write_text("x")
+        sys.exit(-1)
+
+    Quick(grace_s=5).run_guarded(requeue)
+    os.kill(os.getpid(), signal.SIGUSR2)  # the time limit's signal, just as the finished job exits
+    time.sleep(0.5)
+    print("exited normally", flush=True)
+""")
+
+
+def test_a_signal_after_the_work_completed_neither_requeues_nor_kills(tmp_path):
+    done = subprocess.run([sys.executable, "-c", FINISHED, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "exited normally" in done.stdout, (done.returncode, done.stderr[-2000:])
+    assert not (tmp_path / "requeued").exists()
