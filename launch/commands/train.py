@@ -12,6 +12,10 @@ import argparse
 
 from launch.choices import PRECISIONS, STRATEGIES
 
+# The trainer polls runtime.preemption at its step boundaries: under SLURM a signal that comes while it
+# starts up waits for its first checkpoint instead of requeueing a job that has done nothing.
+POLLS_PREEMPTION = True
+
 
 def add_common_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     """Options shared by `adm train` and `adm train-classifier`."""

@@ -346,6 +346,8 @@ def sample(options: SampleOptions) -> Path:
         pending = job.plan()
         if pending is None:
             _log(info, f"{job.npz_path} is already complete")
+            if created:
+                distributed.finish()
             return job.npz_path
         _log(info, f"{options.num_samples} samples in {job.num_shards} shards of {options.shard_size}; "
                    f"{len(pending)} to compute on {info.world_size} process(es), batch {options.batch_size} "
@@ -368,6 +370,8 @@ def sample(options: SampleOptions) -> Path:
         if status != "ok":
             raise RuntimeError(status)
         _log(info, f"wrote {job.npz_path} ({options.num_samples} samples)")
+        if created:
+            distributed.finish()  # every rank ends in step: no teardown under a peer's last collective
         return job.npz_path
     finally:
         if created:

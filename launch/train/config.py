@@ -27,7 +27,7 @@ TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 RESUMABLE_FIELDS = frozenset({
     "total_steps", "log_every", "save_every", "keep_last", "sample_every", "sample_steps",
     "sample_count", "num_workers", "compile", "eval_every", "eval_batches", "max_nonfinite_steps",
-    "allow_slow_precision", "progress", "strategy", "fsdp_shard_size", "skip_bad_shards",
+    "allow_slow_precision", "progress", "strategy", "fsdp_shard_size", "skip_bad_shards", "preempt_check_every",
 })
 
 
@@ -75,6 +75,7 @@ class TrainConfig:
     save_every: int = 5000
     keep_last: int = 3
     progress: bool = True  # tqdm bar when stderr is a terminal
+    preempt_check_every: int = 10  # steps between the ranks' agreements on a stop signal (fewer when steps are slow)
 
     kind: typing.ClassVar[str] = "diffusion"
 
@@ -335,7 +336,8 @@ def validate(cfg: TrainConfig, require_data: bool = True) -> None:
     choice("lr_schedule", LR_SCHEDULES)
     if isinstance(cfg, DiffusionTrainConfig):
         choice("timestep_sampler", TIMESTEP_SAMPLERS)
-    for name in ("batch_size", "grad_accum", "total_steps", "log_every", "save_every", "keep_last"):
+    for name in ("batch_size", "grad_accum", "total_steps", "log_every", "save_every", "keep_last",
+                 "preempt_check_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.zero_stage not in (0, 1, 2, 3):

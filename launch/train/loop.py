@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from launch.precision import LossScaler, autocast, check_supported
 from launch.train.strategies import build_strategy
 from launch.train.tb_logging import MetricWindow, RunLogger, format_metrics
 from launch.train.perf import Throughput, flops_per_image, peak_flops, peak_memory_gb
+from launch.train.stop_poll import StopPoll
 
 
 
@@ -55,37 +57,49 @@ def rank_seed(seed: int, rank: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + 1) % (2 ** 63)
 
 
-def prepare_run_dir(run_dir: Path, resolved: dict, rank: int) -> bool:
-    """Check RUN/config.json against this run's config (every rank), then (rank 0) write it.
+def check_run_dir(run_dir: Path, resolved: dict) -> bool:
+    """Compare RUN/config.json with this run's config (read only); returns whether a run was there.
 
-    Returns True when the directory already held a run. Fields that a resume may change
-    (config.RESUMABLE_FIELDS) are updated; any other difference is a ValueError naming them.
+    Fields that a resume may change (config.RESUMABLE_FIELDS) may differ; any other difference is a
+    ValueError naming them.
     """
     path = run_dir / "config.json"
-    existed = path.is_file()
-    if existed:
-        saved = json.loads(path.read_text())
-        diffs = config_mod.diff_configs(saved, resolved)
-        if diffs:
-            raise ValueError(
-                f"run directory {run_dir} holds a run with a different config ({len(diffs)} field(s)): "
-                + "; ".join(diffs) + f". Use another --run-dir, or rerun with the saved config ({path})")
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text())
+    diffs = config_mod.diff_configs(saved, resolved)
+    if diffs:
+        raise ValueError(
+            f"run directory {run_dir} holds a run with a different config ({len(diffs)} field(s)): "
+            + "; ".join(diffs) + f". Use another --run-dir, or rerun with the saved config ({path})")
+    return True
+
+
+def write_run_config(run_dir: Path, resolved: dict, rank: int) -> None:
+    """Rank 0 writes RUN/config.json (a collective: every rank calls it)."""
     distributed.barrier()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, resolved)
+        atomic_write_json(run_dir / "config.json", resolved)
     distributed.barrier()
+
+
+def prepare_run_dir(run_dir: Path, resolved: dict, rank: int) -> bool:
+    """`check_run_dir`, then `write_run_config`; returns True when the directory already held a run."""
+    existed = check_run_dir(run_dir, resolved)
+    write_run_config(run_dir, resolved, rank)
     return existed
 
 
-def check_data(shards) -> None:
-    """Fail before building anything when the training shards are missing or empty."""
+def check_data(shards) -> int:
+    """Fail before building anything when the training shards are missing or empty; returns their class count."""
     from data.shards import resolve_shards
 
     found = resolve_shards(shards)  # FileNotFoundError / ValueError naming the problem
     if found.counts and sum(found.counts.values()) == 0:
         raise ValueError(f"training data {shards} holds no samples (its manifest counts 0 in every shard); "
                          "re-create the shards with `adm prepare-imagenet`")
+    return len(found.classes)
 
 
 class Trainer:
@@ -102,11 +116,12 @@ class Trainer:
                              f"{world} x {cfg.grad_accum}; change batch_size or grad_accum")
         self.micro_batch = cfg.batch_size // (world * cfg.grad_accum)
         check_supported(cfg.precision, self.device, cfg.allow_slow_precision)
-        check_data(cfg.data)
+        self._check_labels(check_data(cfg.data))
         self._set_determinism()
-        prepare_run_dir(self.run_dir, self.resolved, info.rank)
+        # Nothing is written into the run directory until everything below accepted this config:
+        # a refused run must not leave a config.json that refuses the corrected command.
+        check_run_dir(self.run_dir, self.resolved)
         self.ckpt = CheckpointManager(self.run_dir, info.rank, world, cfg.keep_last)
-        self.ckpt.clean_partial()
         resume_from = latest_checkpoint(self.run_dir)
 
         # Identical initial weights on every rank, then per-rank randomness.
@@ -132,10 +147,12 @@ class Trainer:
         if resume_from is not None:
             loader_state, data_seed = self._resume(resume_from)
         self.loader = self.objective.make_loader(cfg.data, self.micro_batch, data_seed, train=True)
-        self._check_labels(self.loader.num_classes)
         if loader_state is not None:
             self.loader.load_state_dict(loader_state)
         self.batches = iter(self.loader)
+        # The config is accepted: from here on the run directory is written.
+        write_run_config(self.run_dir, self.resolved, info.rank)
+        self.ckpt.clean_partial()
         self.logger = RunLogger(self.run_dir, info.rank, self.step, cfg.total_steps, cfg.progress)
         for line in self.logger_lines:
             self.logger.line(line)
@@ -261,6 +278,8 @@ class Trainer:
         Raises `Preempted` after writing a checkpoint when SIGTERM/SIGUSR1/SIGUSR2 arrived.
         """
         cfg, info = self.cfg, self.info
+        self.stop_poll = StopPoll(cfg.preempt_check_every, self.device)
+        self._saved_step, self._longest_save_s, self._training_on = self.step, 0.0, False
         self._start_throughput()
         self.logger.line(f"{cfg.kind} training: preset {self.preset.name}, {self._param_count():,} parameters, "
                          f"strategy {cfg.strategy}, precision {cfg.precision}, world size {info.world_size}, "
@@ -275,9 +294,15 @@ class Trainer:
                 self.logger.advance(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
                     self._log()
-                self.objective.periodic(self.step, final=self.step == cfg.total_steps)
-                stop = preemption.requested_everywhere()
-                if self.step % cfg.save_every == 0 or self.step == cfg.total_steps or stop:
+                final = self.step == cfg.total_steps
+                self.objective.periodic(self.step, final=final)
+                save_due = self.step % cfg.save_every == 0 or final
+                # A host-side flag, agreed by the ranks only at check steps (launch/train/stop_poll.py).
+                stop = self.stop_poll.agree(self.step) if self.stop_poll.due(self.step, save_due) else None
+                stop = stop if not final else None  # a finished run just ends
+                if stop == "requeue" and self._train_on_after_requeue_signal():
+                    stop = None
+                if (save_due or stop) and self._saved_step != self.step:
                     self.save()
                 if stop:
                     sig = preemption.signal_name()
@@ -289,6 +314,23 @@ class Trainer:
             self.logger.flush()
             self.logger.close()
             self.signals.uninstall()
+
+    def _train_on_after_requeue_signal(self) -> bool:
+        """After an agreed requeue (time-limit) signal: checkpoint the progress at once, then keep
+        training while every rank's Guard leaves time for another check interval and two checkpoint
+        writes before it forces the requeue; returns whether to train on (agreed by all ranks).
+
+        Without a Guard (torchrun, a plain process) there is no such time: the run stops here.
+        """
+        if not self._training_on and self._saved_step != self.step:
+            self.save()
+        reserve = 2.0 * self._longest_save_s + self.stop_poll.seconds_between_checks + 5.0
+        spare = self.stop_poll.time_to_spare(reserve)
+        if spare and not self._training_on:
+            self.logger.line(f"requeue signal ({preemption.signal_name()}) at step {self.step}: checkpoint written; "
+                             "training on while the time before the requeue allows")
+        self._training_on = spare
+        return spare
 
     def _param_count(self) -> int:
         # DTensor.numel() is the global size; ZeRO-3 keeps the full size in ds_numel.
@@ -349,7 +391,10 @@ class Trainer:
         meta = {"strategy": self.cfg.strategy, "zero_stage": self.cfg.zero_stage if self.cfg.strategy == "deepspeed" else None,
                 "kind": self.cfg.kind, "preset": self.preset.name, "ema_names": list(self.ema.names),
                 "images_seen": self.images_seen}
+        started = time.monotonic()
         folder = self.ckpt.save(self.step, self.strategy, self.ema, trainer_state, rank_state, meta)
+        self._saved_step = self.step
+        self._longest_save_s = max(getattr(self, "_longest_save_s", 0.0), time.monotonic() - started)
         self.logger.line(f"checkpoint {folder}")
         return folder
 
@@ -374,9 +419,15 @@ def run(cfg, preset, run_dir: str | os.PathLike, objective_cls) -> int:
     info = distributed.setup()
     try:
         trainer = Trainer(cfg, preset, run_dir, objective_cls, info)
-        return trainer.fit()
+        try:
+            step = trainer.fit()
+        except Preempted:
+            distributed.finish()  # every rank stopped after the same step
+            raise
+        distributed.finish()
+        return step
     finally:
         distributed.cleanup()
 
 
-__all__ = ["Trainer", "run", "lr_at", "rank_seed", "Preempted", "prepare_run_dir"]
+__all__ = ["Trainer", "run", "lr_at", "rank_seed", "Preempted", "prepare_run_dir", "check_run_dir", "write_run_config"]
