@@ -59,4 +59,36 @@ def check_number(value: Any, what: str, low: float | None = None, high: float | 
     return number
 
 
-__all__ = ["check_name", "check_text", "check_inside", "check_number"]
+
+def int_at_least(low: int):
+    """An argparse `type` for an integer >= `low` (argparse then names the option in its one-line error)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def number_in(low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse `type` for a finite number in [low, high] (`low_open`: low excluded)."""
+    import argparse
+
+    def parse(text: str) -> float:
+        try:
+            return check_number(text, "the value", low, high, low_open)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err).replace("the value ", "")) from None
+
+    parse.__name__ = "number"
+    return parse
+
+
+__all__ = ["check_name", "check_text", "check_inside", "check_number", "int_at_least", "number_in"]
