@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from runtime.files import atomic_write_json
+from runtime.npz import check_crc_runs
 from evaluation import io as eio
 from evaluation.features import FeatureNetwork, load_feature_network
 from evaluation.metrics import FeatureStats, ScoreSums, frechet_distance, precision_recall
@@ -126,6 +127,31 @@ class _Pass:
         _all_reduce(tensors)
 
 
+def _check_integrity(path, crc_info: tuple, rank: int) -> None:
+    """The zip CRC of the images member, from every rank's contiguous run (no second read), else one
+    streaming pass on rank 0; ValueError on every rank when the file is corrupt."""
+    run, size, expected = crc_info
+    runs = [run]
+    if _distributed():
+        runs = [None] * dist.get_world_size()
+        dist.all_gather_object(runs, run)
+    if check_crc_runs(runs, size, expected, f"{path}:arr_0"):
+        return
+    problem = None
+    if rank == 0:
+        try:
+            with eio.open_images(path) as images:
+                images.verify()
+        except ValueError as err:
+            problem = str(err)
+    if _distributed():
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise ValueError(problem)
+
+
 def _extract(net: FeatureNetwork, path, key_labels: np.ndarray | None, stats: bool, batch_size: int,
              split_size: int, rank: int, world: int, progress: str | None) -> tuple[_Pass, int, tuple]:
     with eio.open_images(path) as images:
@@ -140,6 +166,8 @@ def _extract(net: FeatureNetwork, path, key_labels: np.ndarray | None, stats: bo
         if bar is not None:
             bar.close()
         shape = tuple(images.shape)
+        crc_info = (images.crc_run(), images.member_size, images.member_crc)
+    _check_integrity(path, crc_info, rank)
     acc.reduce()
     return acc, n, shape
 
