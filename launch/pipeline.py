@@ -35,7 +35,7 @@ from typing import Any, Callable
 import yaml
 
 from runtime.files import atomic_write_json
-from runtime.names import check_inside, check_name, check_text
+from runtime.names import check_inside, check_name, check_text, parse_error_line
 
 _STAGE_KEYS = {"command", "args", "after", "sweep", "resources", "local_tasks"}
 _TOP_KEYS = {"name", "out", "cluster", "vars", "resources", "stages"}
@@ -166,7 +166,7 @@ def load_pipeline(path: str | os.PathLike, out: str | None = None, variables: di
     try:
         data = yaml.safe_load(source.read_text())
     except yaml.YAMLError as err:
-        raise ValueError(f"{source} is not valid YAML: {err}") from None
+        raise ValueError(f"{source} is not valid YAML: {parse_error_line(err)}") from None
     return build_pipeline(data, source, out=out, variables=variables, validate=validate)
 
 

@@ -60,6 +60,15 @@ def check_number(value: Any, what: str, low: float | None = None, high: float | 
 
 
 
+def parse_error_line(err: BaseException) -> str:
+    """A parser's error (YAML's are several lines with a caret drawing) as one line with its position."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())
+
+
 def int_at_least(low: int):
     """An argparse `type` for an integer >= `low` (argparse then names the option in its one-line error)."""
     import argparse
@@ -91,4 +100,5 @@ def number_in(low: float | None = None, high: float | None = None, low_open: boo
     return parse
 
 
-__all__ = ["check_name", "check_text", "check_inside", "check_number", "int_at_least", "number_in"]
+__all__ = ["check_name", "check_text", "check_inside", "check_number", "parse_error_line", "int_at_least",
+           "number_in"]

@@ -281,6 +281,20 @@ def read_array(path: str | os.PathLike, key: str) -> np.ndarray:
         return out
 
 
+def read_npy(path: str | os.PathLike) -> np.ndarray:
+    """A whole `.npy` file, its header checked against the file size before anything is allocated."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        shape, dtype, header_len, _ = _read_npy_header(handle, str(path))
+        size = os.fstat(handle.fileno()).st_size
+        data_bytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if header_len + data_bytes != size:
+            raise ValueError(f"{path}: the header declares shape {shape} of {dtype} ({data_bytes:,} bytes) but the "
+                             f"file holds {size - header_len:,} bytes of data: a corrupt or forged file")
+        data = handle.read(data_bytes)
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+
+
 # ----------------------------------------------------------------------------------------------
 # CRC-32 of pieces read by different processes
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from runtime.names import check_text
+from runtime.names import check_text, parse_error_line
 
 PROFILE_DIR = Path(__file__).resolve().parent
 
@@ -167,7 +167,7 @@ def load_profile(name_or_path: str) -> ClusterProfile:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"cluster profile {path} is not valid YAML: {err}") from None
+        raise ValueError(f"cluster profile {path} is not valid YAML: {parse_error_line(err)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"cluster profile {path} must be a mapping of keys to values")
     resource_keys = {f.name for f in dataclasses.fields(Resources)}

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from runtime.npz import npz_keys, read_array, read_npy
 from launch.choices import COMPILE_MODES, PRECISIONS, SAMPLERS, default_sampler
 
 NOISE_STREAM, LABEL_STREAM, UPSAMPLE_NOISE_STREAM, BALANCED_STREAM = 0, 1, 2, 3
@@ -236,11 +237,14 @@ def read_label_file(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"labels file {path} not found; --labels takes uniform, balanced or a file")
+    # runtime.npz checks declared sizes (a forged header cannot allocate terabytes) and the zip CRC.
     if path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
+        arr = read_npy(path)
     elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            arr = z["arr_1"] if "arr_1" in z.files else z[z.files[0]]
+        keys = npz_keys(path)
+        if not keys:
+            raise ValueError(f"labels file {path} holds no arrays")
+        arr = read_array(path, "arr_1" if "arr_1" in keys else keys[0])
     else:
         try:
             arr = np.loadtxt(path, dtype=np.int64, ndmin=1)

@@ -179,7 +179,7 @@ class CheckpointManager:
         and data positions cannot be mapped onto a different set of ranks).
         """
         meta = read_meta(folder)
-        if meta.get("format") != FORMAT:
+        if meta.get("format") != FORMAT or not isinstance(meta.get("world_size"), int):
             raise ValueError(f"{folder} is not a training checkpoint of this code (format {meta.get('format')!r})")
         strategy.load(folder, ema, meta)
         trainer_state = load_torch_file(folder / "trainer.pt", "training checkpoint")
@@ -198,7 +198,24 @@ def read_run_config(run_dir: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run directory (no config.json); "
                                 "pass the --run-dir of `adm train` / `adm train-classifier`")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("preset"), dict):
+        raise ValueError(f"{path} is not a training run's config (no 'preset' mapping)")
+    return config
+
+
+def read_run_preset(run_dir: Path):
+    """The Preset a run trains (from RUN/config.json); ValueError naming the file when it is damaged."""
+    from diffusion_core.presets import Preset
+
+    try:
+        return Preset.from_dict(read_run_config(Path(run_dir))["preset"])
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{Path(run_dir) / 'config.json'} does not describe a model "
+                         f"({type(err).__name__}: {err})") from None
 
 
 def _empty_like_module(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -292,11 +309,9 @@ def load_model_from_run(run_dir: str | os.PathLike, ema_rate: float | None = Non
     classifier by default) gives its trained weights. Reads sharded checkpoints in one process.
     """
     from diffusion_core.openai_compat import load_openai_state_dict
-    from diffusion_core.presets import Preset
 
     run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    preset = Preset.from_dict(config["preset"])
+    preset = read_run_preset(run_dir)
     folder = checkpoint_at(run_dir, step)
     with torch.device("meta"):
         module = preset.build()

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from runtime.names import check_number
+from runtime.names import check_number, parse_error_line
 from launch.choices import PRECISIONS, STRATEGIES
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -258,7 +258,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+            raise ValueError(f"config file {path} is not valid YAML: {parse_error_line(err)}") from None
     else:
         raise ValueError(f"config file {path} must end in .yaml, .yml, .toml or .json")
     if not isinstance(data, dict):
