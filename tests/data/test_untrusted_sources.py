@@ -131,3 +131,15 @@ def test_members_of_the_per_class_tars_are_listed_too(tmp_path):
     assert manifest["num_samples"] == 2
     assert [(s["path"], "symbolic link" in s["reason"]) for s in manifest["skipped"]] == [
         ("n01440764.tar/n01440764_9.JPEG", True)]
+
+
+@pytest.mark.parametrize("name", ["../elsewhere/train-0.tar", "/etc/passwd", "sub/dir.tar", "..", "pipe:touch x",
+                                  "a\nb.tar"])
+def test_a_manifest_names_only_files_of_its_folder(tmp_path, name):
+    from data.shards import resolve_shards
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"format": "adm-shards/1", "shards": [{"name": name, "count": 1}]}))
+    with pytest.raises(ValueError, match="may only name files in its own folder"):
+        resolve_shards(str(folder))
