@@ -292,6 +292,10 @@ def build_config(kind: str, file: str | None = None, sets: list[str] | None = No
     values: dict[str, Any] = {}
     if file:
         for key, value in read_config_file(file).items():
+            if key in ("data", "val_data") and "pipe:" in str(value):
+                # A pipe: source runs a shell command; a shared config file must not be able to.
+                raise ValueError(f"config file {file}: {key}={value!r} runs a shell command (pipe:); config files "
+                                 f"may come from others, so give such a source on the command line (--data)")
             _apply(values, cls, key, value)
     for key, value in explicit.items():
         if value is not None:

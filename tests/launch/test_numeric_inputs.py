@@ -135,3 +135,10 @@ def test_broken_config_files_are_one_line(tmp_path, adm):
 def test_command_flags(tmp_path, adm, argv, what):
     out = adm(tmp_path, *argv)
     assert out.returncode == 2 and what in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_config_file_cannot_name_a_shell_command(tmp_path, adm):
+    (tmp_path / "c.yaml").write_text("data: 'pipe:touch marker && cat x.tar'\n")
+    refused(adm(tmp_path, "train", "--run-dir", str(tmp_path / "r"), "--config", str(tmp_path / "c.yaml"),
+                "--dry-run"), "train", "runs a shell command")
+    assert not (tmp_path / "marker").exists()
