@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 
 from runtime.files import atomic_write_json
+from runtime.npz import check_crc_runs
 from evaluation import io as eio
 from evaluation.features import FeatureNetwork, load_feature_network
-from evaluation.metrics import FeatureStats, ScoreSums, frechet_distance, precision_recall
+from evaluation.metrics import FeatureStats, ScoreSums, frechet_distance, near_constant, precision_recall
 
 METRICS_FORMAT = "adm-metrics/1"
 METRIC_NAMES = ("inception_score", "fid", "sfid", "precision", "recall", "class_accuracy")
@@ -126,6 +127,31 @@ class _Pass:
         _all_reduce(tensors)
 
 
+def _check_integrity(path, crc_info: tuple, rank: int) -> None:
+    """The zip CRC of the images member, from every rank's contiguous run (no second read), else one
+    streaming pass on rank 0; ValueError on every rank when the file is corrupt."""
+    run, size, expected = crc_info
+    runs = [run]
+    if _distributed():
+        runs = [None] * dist.get_world_size()
+        dist.all_gather_object(runs, run)
+    if check_crc_runs(runs, size, expected, f"{path}:arr_0"):
+        return
+    problem = None
+    if rank == 0:
+        try:
+            with eio.open_images(path) as images:
+                images.verify()
+        except ValueError as err:
+            problem = str(err)
+    if _distributed():
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise ValueError(problem)
+
+
 def _extract(net: FeatureNetwork, path, key_labels: np.ndarray | None, stats: bool, batch_size: int,
              split_size: int, rank: int, world: int, progress: str | None) -> tuple[_Pass, int, tuple]:
     with eio.open_images(path) as images:
@@ -140,6 +166,8 @@ def _extract(net: FeatureNetwork, path, key_labels: np.ndarray | None, stats: bo
         if bar is not None:
             bar.close()
         shape = tuple(images.shape)
+        crc_info = (images.crc_run(), images.member_size, images.member_crc)
+    _check_integrity(path, crc_info, rank)
     acc.reduce()
     return acc, n, shape
 
@@ -225,6 +253,8 @@ def evaluate(reference, samples, features: str | FeatureNetwork = "inception", *
                 atomic_write_json(Path(out_dir) / "metrics.json", record)
             if print_fn:
                 print_fn(format_metrics(record["metrics"]))
+                for warning in record["warnings"]:
+                    print_fn(f"WARNING: {warning}")
     if _distributed():
         box = [record]
         dist.broadcast_object_list(box, src=0)
@@ -250,14 +280,43 @@ def _finish(net, ref: _Pass, sam: _Pass, stored, ref_pool, sam_pool, k, fp16_pr,
             ref_spatial = None
         if ref_spatial is not None:
             metrics["sfid"] = frechet_distance(*sam.spatial_stats.mean_cov(), *ref_spatial, method=fid_method)
-    metrics["precision"], metrics["recall"] = precision_recall(ref_pool, sam_pool, k=k, fp16=fp16_pr, device=device)
+    radii: dict = {}
+    metrics["precision"], metrics["recall"] = precision_recall(ref_pool, sam_pool, k=k, fp16=fp16_pr, device=device,
+                                                               details=radii)
     record: dict = {"metrics": metrics}
+    record["warnings"] = degeneracy_warnings((mu_r, sigma_r), (mu_s, sigma_s), radii, metrics["inception_score"])
+    record["degenerate_features"] = any(w.startswith("degenerate features") for w in record["warnings"])
     if sam.labels is not None:
         total = float(sam.total.sum())
         metrics["class_accuracy"] = float(sam.correct.sum()) / total if total else None
         per_class = (sam.correct / sam.total.clamp_min(1)).tolist()
         record["class_accuracy_per_class"] = [a if t > 0 else None for a, t in zip(per_class, sam.total.tolist())]
     return record
+
+
+def degeneracy_warnings(reference: tuple, samples: tuple, radii: dict, inception_score: float | None) -> list[str]:
+    """Why the numbers may mean nothing: features that do not vary (a feature network that ignores its
+    input, e.g. a barely trained domain classifier), k-NN balls of radius 0, class predictions that do
+    not depend on the image. Messages naming the feature network start with "degenerate features"."""
+    out = []
+    if near_constant(*reference):
+        out.append("degenerate features: the feature network gives (nearly) the same features for every reference "
+                   "image, so FID is ~0 whatever the samples are; FID, sFID, precision and recall mean nothing here "
+                   "(an untrained or broken feature network?)")
+    elif near_constant(*samples):
+        out.append("the samples' features are (nearly) constant: the samples are (nearly) identical images")
+    share = radii.get("zero_radius_reference", 0.0)
+    if share > 0.5:
+        out.append(f"degenerate features: {share:.0%} of the reference points have a k-NN radius of 0 (the feature "
+                   "network maps different images to the same point), so precision and recall mean nothing here")
+    share = radii.get("zero_radius_samples", 0.0)
+    if share > 0.5:
+        out.append(f"{share:.0%} of the sample points have a k-NN radius of 0: duplicate samples, or a feature "
+                   "network that maps different images to the same point")
+    if inception_score is not None and inception_score < 1.0 + 1e-4:
+        out.append(f"the class probabilities are the same for every sample (Inception Score {inception_score:.4g}): "
+                   "identical samples, or a feature network that ignores its input")
+    return out
 
 
 def format_metrics(metrics: dict) -> str:

@@ -247,7 +247,8 @@ def build_report(inputs: Sequence[str | os.PathLike | dict], out_dir: str | os.P
         "title": title,
         "runs": [{"label": r["label"], "path": r["path"], "metrics": r["metrics"], "options": r["options"],
                   "image_size": r.get("image_size"), "features": r.get("features"),
-                  "num_samples": r.get("num_samples")} for r in runs],
+                  "num_samples": r.get("num_samples"), "warnings": _warnings(r),
+                  "degenerate_features": bool(r.get("degenerate_features"))} for r in runs],
         "paper": paper,
         "guidance_sweep": sweep_points(sweeps[0]) if sweeps else [],
         "guidance_sweeps": [{"label": s["label"], "scale_key": s["scale_key"], "points": sweep_points(s)}
@@ -270,10 +271,30 @@ def _unique_labels(runs: list[dict]) -> None:
             seen[base] = 1
 
 
+DEGENERATE_MARK = "⚠ degenerate features"
+WARNING_MARK = "⚠"
+
+
+def _warnings(run: dict) -> list[str]:
+    found = run.get("warnings")
+    return [str(w) for w in found] if isinstance(found, list) else []
+
+
+def _label_cell(run: dict) -> str:
+    """The run's label, marked when the evaluator warned that its numbers may mean nothing."""
+    if run.get("degenerate_features"):
+        return f"{run['label']} {DEGENERATE_MARK}"
+    return f"{run['label']} {WARNING_MARK}" if _warnings(run) else run["label"]
+
+
+def _warning_lines(runs: list[dict]) -> list[str]:
+    return [f"{r['label']}: {w}" for r in runs for w in _warnings(r)]
+
+
 def _table_rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     shown = [(k, n) for k, n in COLUMNS if any(r["metrics"].get(k) is not None for r in runs)]
     header = ["Run", "Features", "N", "Guidance"] + [n for _, n in shown]
-    rows = [[r["label"], str(r.get("features") or "–"), _fmt(r.get("num_samples")), _scale_of(r)]
+    rows = [[_label_cell(r), str(r.get("features") or "–"), _fmt(r.get("num_samples")), _scale_of(r)]
             + [_fmt(r["metrics"].get(k)) for k, _ in shown] for r in runs]
     return header, rows
 
@@ -301,6 +322,9 @@ def _comparability_note(runs: list[dict], paper: list[dict]) -> str:
 
 def _markdown(summary: dict, runs, figures, grids) -> str:
     parts = [f"# {summary['title']}", "", "## Metrics", "", _md_table(*_table_rows(runs)), ""]
+    if _warning_lines(runs):
+        parts += ["## Warnings", "", "The evaluator flagged these runs; their numbers may mean nothing:", ""]
+        parts += [f"- {line}" for line in _warning_lines(runs)] + [""]
     if summary["paper"]:
         parts += ["## Published numbers", "", _md_table(*_paper_table(summary["paper"])), ""]
     parts += [_comparability_note(runs, summary["paper"]), ""]
@@ -331,6 +355,9 @@ def _html(summary: dict, runs, figures, grids) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(summary['title'])}</title>"
              f"<style>{style}</style></head><body><h1>{html.escape(summary['title'])}</h1>",
              "<h2>Metrics</h2>", _html_table(*_table_rows(runs))]
+    if _warning_lines(runs):
+        parts += ["<h2>Warnings</h2><p>The evaluator flagged these runs; their numbers may mean nothing:</p><ul>"]
+        parts += [f"<li>{html.escape(line)}</li>" for line in _warning_lines(runs)] + ["</ul>"]
     if summary["paper"]:
         parts += ["<h2>Published numbers</h2>", _html_table(*_paper_table(summary["paper"]))]
     parts.append(f"<p>{html.escape(_comparability_note(runs, summary['paper']))}</p>")

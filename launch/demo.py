@@ -33,6 +33,7 @@ from typing import Callable
 
 from launch.pipeline import Pipeline, build_pipeline, run_local
 from runtime.files import atomic_write_json
+from runtime.names import parse_error_line
 
 SETTINGS_FILE = "demo.json"
 
@@ -101,7 +102,10 @@ class DemoSettings:
             key = key.strip()
             if not sep or key not in fields:
                 raise ValueError(f"--set expects KEY=VALUE with KEY one of {', '.join(fields)}; got {item!r}")
-            value = yaml.safe_load(text)
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise ValueError(f"--set {item!r}: not a YAML value ({parse_error_line(err)})") from None
             if key in ("unet_set", "classifier_set"):
                 if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
                     raise ValueError(f"{key} takes a list of KEY=VALUE training options, e.g. {key}=[lr=1e-4, batch_size=16]")

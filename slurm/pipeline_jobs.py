@@ -42,7 +42,8 @@ def submit_pipeline(pipeline: Pipeline, profile: ClusterProfile,
     """Submit every stage in graph order; returns stage id -> submitted job. Writes OUT/pipeline.json."""
     jobs.require_slurm("Run the pipeline on this machine instead with `adm pipeline CONFIG --local`.")
     for stage in pipeline.stages:  # check every stage before submitting any
-        stage_resources(pipeline, profile, stage.id)
+        submission.check_script_inputs(profile, stage_resources(pipeline, profile, stage.id),
+                                       f"{pipeline.name}.{stage.id}", log_dir=log_dir(pipeline, stage.id))
     pipeline.out.mkdir(parents=True, exist_ok=True)
     submitted: dict[str, submission.SubmittedJob] = {}
     record: dict[str, dict] = {}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from runtime.names import int_at_least
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `adm demo`."""
@@ -15,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller run, under 4 minutes on two CPU cores (CI)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", nargs="+",
                         help="change a demo setting (launch.demo.DemoSettings), e.g. --set num_samples=500")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: all usable cores)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from runtime.names import int_at_least
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -23,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", default="inception",
                         help="feature network: 'inception' (the paper's) or 'classifier:PATH' (domain classifier)")
     parser.add_argument("--inception-weights", help="path of pt_inception-2015-12-05-6726825d.pth")
-    parser.add_argument("--batch-size", type=int, default=100, help="images per forward pass and rank")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=100, help="images per forward pass and rank")
     parser.add_argument("--pr-fp32", action="store_true",
                         help="exact float32 precision/recall distances instead of ADM's float16 emulation")
     parser.add_argument("--fid-method", choices=("sqrtm", "eigh"), default="sqrtm",
@@ -34,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("training a domain classifier (--features classifier:PATH)")
     train.add_argument("--train-classifier", metavar="DATA",
                        help="shards (folder, pattern) or an .npz with arr_0 images and arr_1 labels")
-    train.add_argument("--image-size", type=int, help="image side for the classifier (default: the data's)")
-    train.add_argument("--epochs", type=int, default=4)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--image-size", type=int_at_least(1), help="image side for the classifier (default: the data's)")
+    train.add_argument("--epochs", type=int_at_least(1), default=4)
+    train.add_argument("--seed", type=int_at_least(0), default=0)
 
 
 def run(args) -> int:

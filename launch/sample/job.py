@@ -109,6 +109,7 @@ class _Job:
         self.low_res = None
         if o.upsample_from is not None:
             self.low_res = NpzArray(o.upsample_from, "arr_0")
+            self.low_res.verify()  # rows are read in shard order, not as one run: check the CRC up front
             if self.low_res.ndim != 4 or self.low_res.shape[-1] != 3 or self.low_res.dtype != np.uint8:
                 raise ValueError(f"{o.upsample_from}: arr_0 must be uint8 [N, H, W, 3], got {self.low_res.dtype} "
                                  f"{self.low_res.shape}")

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from runtime.npz import npz_keys, read_array, read_npy
 from launch.choices import COMPILE_MODES, PRECISIONS, SAMPLERS, default_sampler
 
 NOISE_STREAM, LABEL_STREAM, UPSAMPLE_NOISE_STREAM, BALANCED_STREAM = 0, 1, 2, 3
@@ -85,8 +86,13 @@ def check_options(o: SampleOptions) -> None:
         raise ValueError(f"shard_size must be >= 1, got {o.shard_size}")
     if o.sampler is not None and o.sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {o.sampler!r}")
-    if o.eta < 0:
-        raise ValueError(f"eta must be >= 0, got {o.eta}")
+    if not (isinstance(o.eta, (int, float)) and 0 <= o.eta <= 1):  # also refuses NaN
+        raise ValueError(f"eta must lie in [0, 1] (0: DDIM, 1: DDPM-like noise), got {o.eta}")
+    if int(o.seed) < 0:
+        raise ValueError(f"seed must be >= 0, got {o.seed}")
+    for name in ("classifier_scale", "cfg_scale"):
+        if getattr(o, name) is not None:
+            check_scale(getattr(o, name), name)
     if o.eta != 0 and sampler_kind(o) != "ddim":
         raise ValueError(f"eta={o.eta} only applies to DDIM; use --sampler ddim (or steps 'ddimN')")
     if o.precision not in PRECISIONS:
@@ -103,6 +109,32 @@ def check_options(o: SampleOptions) -> None:
         raise FileNotFoundError(f"--upsample-from {o.upsample_from}: no such file; give the .npz of the base stage")
     if o.classifier_scale is not None and o.classifier is None and _nonzero_scale(o.classifier_scale):
         raise ValueError(f"classifier_scale={o.classifier_scale} needs a classifier: add --classifier")
+
+
+MAX_GUIDANCE_SCALE = 1000.0  # the paper's scales are 0.5..10; far beyond, float32 guidance overflows
+
+
+def check_scale(value, name: str) -> None:
+    """A guidance scale or schedule whose every number is finite and within +-MAX_GUIDANCE_SCALE."""
+    from diffusion_core.guidance import GuidanceInterval, GuidanceSchedule, parse_guidance_scale
+
+    try:
+        todo, numbers = [parse_guidance_scale(value)], []
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    while todo:
+        item = todo.pop()
+        if isinstance(item, (int, float)):
+            numbers.append(float(item))
+        elif isinstance(item, GuidanceSchedule):
+            numbers += [float(item.start)] + ([float(item.end)] if item.end is not None else [])
+        elif isinstance(item, GuidanceInterval):
+            todo.append(item.scale)
+            if item.outside is not None:
+                numbers.append(float(item.outside))
+    for number in numbers:
+        if abs(number) > MAX_GUIDANCE_SCALE:
+            raise ValueError(f"{name}={value!r}: scales must lie within +-{MAX_GUIDANCE_SCALE:g}, got {number:g}")
 
 
 def sampler_kind(o: SampleOptions) -> str:
@@ -205,11 +237,14 @@ def read_label_file(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"labels file {path} not found; --labels takes uniform, balanced or a file")
+    # runtime.npz checks declared sizes (a forged header cannot allocate terabytes) and the zip CRC.
     if path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
+        arr = read_npy(path)
     elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            arr = z["arr_1"] if "arr_1" in z.files else z[z.files[0]]
+        keys = npz_keys(path)
+        if not keys:
+            raise ValueError(f"labels file {path} holds no arrays")
+        arr = read_array(path, "arr_1" if "arr_1" in keys else keys[0])
     else:
         try:
             arr = np.loadtxt(path, dtype=np.int64, ndmin=1)

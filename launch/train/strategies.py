@@ -28,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from runtime.distributed import DistInfo, free_port
+from runtime.safe_load import dcp_load
 from launch.train.ema import EMA
 from launch.precision import LossScaler, clip_grads_, grad_norm
 
@@ -174,7 +175,7 @@ class TorchStrategy:
                              f"(DeepSpeed checkpoints cannot be read by {self.kind})")
         state = self._state(ema)
         with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(folder / "state"), no_dist=not dist.is_initialized())
+            dcp_load(state, folder / "state", no_dist=not dist.is_initialized())
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     @torch.no_grad()
@@ -351,7 +352,9 @@ class DeepSpeedStrategy:
             dcp.save({"ema": full}, checkpoint_id=str(folder / "state"))
 
     def load(self, folder: Path, ema: EMA, meta: dict) -> None:
-        """Read a DeepSpeed checkpoint of the same world size and ZeRO stage."""
+        """Read a DeepSpeed checkpoint of the same world size and ZeRO stage (files read weights-only)."""
+        from launch.train.checkpointing import load_deepspeed_checkpoint
+
         if meta.get("strategy") != "deepspeed":
             raise ValueError(f"{folder} was written by strategy={meta.get('strategy')}; resume it with that strategy "
                              "(DeepSpeed cannot read torch.distributed.checkpoint folders)")
@@ -359,12 +362,12 @@ class DeepSpeedStrategy:
             raise ValueError(f"{folder} was written by {meta.get('world_size')} DeepSpeed processes but this run has "
                              f"{dist.get_world_size()}: ZeRO optimizer partitions cannot be resharded. Resume with "
                              f"{meta.get('world_size')} processes, or restart from the exported weights with --init-from")
-        self.engine.load_checkpoint(str(folder / "deepspeed"), tag="ds", load_lr_scheduler_states=False)
+        load_deepspeed_checkpoint(self.engine, folder / "deepspeed", tag="ds")
         if ema:
             target = {"ema": {name: {k: torch.empty(self.module.get_parameter(k).ds_shape if self.stage == 3 else v.shape,
                                                      dtype=torch.float32, device=v.device)
                                      for k, v in ema.shadows[name].items()} for name in ema.names}}
-            dcp.load(target, checkpoint_id=str(folder / "state"))
+            dcp_load(target, folder / "state")
             with torch.no_grad():
                 for name in ema.names:
                     for k, v in ema.shadows[name].items():
