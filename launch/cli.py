@@ -105,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         # User errors: one clear line, no traceback.
         print(f"adm {name}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from runtime.distributed import describe_failure
+
+        note = describe_failure(err)
+        if note:  # a lost rank or node: say which before the traceback
+            print(f"adm {name}: {note}", file=sys.stderr, flush=True)
+        raise
     return int(code or 0)
 
 
