@@ -112,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adm {name}: error: out of memory (an input declares more data than this machine holds, "
               "or the batch size is too large)", file=sys.stderr)
         return 2
+    except Exception as err:
+        from runtime.distributed import describe_failure
+
+        note = describe_failure(err)
+        if note:  # a lost rank or node: say which before the traceback
+            print(f"adm {name}: {note}", file=sys.stderr, flush=True)
+        raise
     return int(code or 0)
 
 

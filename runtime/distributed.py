@@ -3,12 +3,16 @@
 Works under torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*), under SLURM's srun (SLURM_PROCID,
 SLURM_NTASKS, SLURM_LOCALID, master = first host of SLURM_JOB_NODELIST) and as a single plain
 process (world size 1, no process group needed).
+
+Once the group is up every rank learns where the others run (`peers()`: host name and addresses per
+rank), so that a failed collective can say which rank and node was lost (`describe_failure()`).
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -65,10 +69,29 @@ def env_from_slurm() -> None:
     os.environ.setdefault("MASTER_PORT", str(20000 + job % 20000))
 
 
+class RendezvousError(RuntimeError):
+    """The process group could not be set up: the message names this rank, its host and the master."""
+
+
+def _init_group(backend: str, rank: int, world_size: int, device: torch.device, timeout_minutes: float) -> None:
+    try:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if device.type == "cuda" else None)
+    except (RuntimeError, TimeoutError, OSError) as err:
+        master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        hint = ""
+        if _is_loopback(os.environ.get("MASTER_ADDR", "")) and int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) > 1:
+            hint = (" MASTER_ADDR is this node itself, but the job has several nodes: it must name the first node "
+                    "(unset it; the job script sets it)")
+        raise RendezvousError(f"rank {rank}/{world_size} on {socket.gethostname()} could not join the process group "
+                              f"at {master} within {timeout_minutes:g} min: {_first_line(err)}.{hint}") from err
+
+
 def setup(backend: str | None = None, timeout_minutes: float = 30.0) -> DistInfo:
     """Initialise torch.distributed when launched with several processes; return rank information.
 
-    The backend defaults to NCCL on CUDA machines and gloo otherwise. Safe to call twice.
+    The backend defaults to NCCL on CUDA machines and gloo otherwise. Safe to call twice. A rank
+    that cannot join within `timeout_minutes` raises RendezvousError naming itself and the master.
     """
     env_from_slurm()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -80,9 +103,9 @@ def setup(backend: str | None = None, timeout_minutes: float = 30.0) -> DistInfo
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
+        _init_group(backend or ("nccl" if device.type == "cuda" else "gloo"), rank, world_size, device,
+                    timeout_minutes)
+        _exchange_peers(rank, world_size, device)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -141,3 +164,116 @@ def barrier() -> None:
     """A barrier that is a no-op without a process group."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------
+# Who runs where, for error messages
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """One rank of the process group: its host name and the addresses others may see it under."""
+
+    rank: int
+    host: str
+    addresses: tuple[str, ...]
+
+
+_PEER_BYTES = 256
+_peers: tuple[Peer, ...] = ()
+_own_rank = 0
+_IPV4 = re.compile(r"(?<![\d.])((?:\d{1,3}\.){3}\d{1,3})(?![\d.])")
+
+
+def _is_loopback(address: str) -> bool:
+    return address in ("localhost", "::1") or address.startswith("127.")
+
+
+def _own_addresses() -> list[str]:
+    """This host's addresses as its peers would print them: its name's address and the route to the master."""
+    found = []
+    try:
+        found.append(socket.gethostbyname(socket.gethostname()))
+    except OSError:
+        pass
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            # A UDP connect only picks the route (and so the source address); it sends nothing.
+            probe.connect((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])))
+            found.append(probe.getsockname()[0])
+    except (OSError, KeyError, ValueError):
+        pass
+    return [a for a in dict.fromkeys(found) if not _is_loopback(a)]
+
+
+def _exchange_peers(rank: int, world_size: int, device: torch.device) -> None:
+    """all_gather every rank's host name and addresses (fixed-size byte tensors: nothing is unpickled)."""
+    global _peers, _own_rank
+    text = " ".join([socket.gethostname(), *_own_addresses()]).encode()[:_PEER_BYTES]
+    mine = torch.zeros(_PEER_BYTES, dtype=torch.uint8)
+    mine[:len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    parts = [torch.empty_like(mine, device=device) for _ in range(world_size)]
+    dist.all_gather(parts, mine.to(device))
+    table = []
+    for r, part in enumerate(parts):
+        words = bytes(part.cpu().tolist()).rstrip(b"\0").decode(errors="replace").split()
+        table.append(Peer(r, words[0] if words else "?", tuple(words[1:])))
+    _peers, _own_rank = tuple(table), rank
+
+
+def peers() -> tuple[Peer, ...]:
+    """Every rank's host and addresses, gathered when `setup()` made the process group (empty before)."""
+    return _peers
+
+
+def ranks_by_host(chosen: list[Peer] | tuple[Peer, ...]) -> str:
+    """'ranks 0, 1 on adm-node1 (10.0.0.2); rank 2 on adm-node2 (10.0.0.3)' for the given peers."""
+    hosts: dict[str, list[Peer]] = {}
+    for peer in chosen:
+        hosts.setdefault(peer.host, []).append(peer)
+    parts = []
+    for host, group in hosts.items():
+        ranks = ", ".join(str(p.rank) for p in group)
+        where = f" ({', '.join(group[0].addresses)})" if group[0].addresses else ""
+        parts.append(f"rank{'s' if len(group) > 1 else ''} {ranks} on {host}{where}")
+    return "; ".join(parts)
+
+
+_SOURCE_PREFIX = re.compile(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*")  # gloo's "[.../pair.cc:537] "
+
+
+def _first_line(err: BaseException) -> str:
+    """The first sentence of an error: without gloo's source location and its generic advice."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first = _SOURCE_PREFIX.sub("", lines[0]) if lines else type(err).__name__
+    return first.split(". This is typically")[0].rstrip(".")[:400]
+
+
+def _looks_distributed(err: BaseException, text: str) -> bool:
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    return any(key in text for key in ("gloo", "NCCL", "c10d", "ProcessGroup", "Connection reset by peer",
+                                       "Connection closed by peer", "Broken pipe"))
+
+
+def describe_failure(err: BaseException) -> str | None:
+    """A sentence naming the rank(s) and node(s) an error of a collective points at, or None.
+
+    For a process that ran in a process group of several ranks, when `err` came from torch.distributed
+    (gloo / NCCL / c10d): the peers whose address the error quotes ("lost contact with rank 1 on
+    adm-node2 (10.1.2.3)"), or, when it quotes none (a timeout), every rank by node.
+    """
+    if len(_peers) < 2 or not isinstance(err, (RuntimeError, OSError, TimeoutError)):
+        return None  # a user error (ValueError, ...) says what it needs to by itself
+    text = f"{type(err).__name__}: {err}"
+    if not _looks_distributed(err, text):
+        return None
+    me = _peers[_own_rank]
+    where = f"rank {me.rank}/{len(_peers)} on {me.host}"
+    quoted = set(_IPV4.findall(text))
+    lost = [p for p in _peers if p.rank != me.rank
+            and (quoted & set(p.addresses) or (p.host == me.host and any(map(_is_loopback, quoted))))]
+    if lost:
+        return f"{where} lost contact with {ranks_by_host(lost)}: {_first_line(err)}"
+    what = "timed out" if "timed out" in text.lower() or "timeout" in text.lower() else "failed"
+    return (f"{where}: a collective operation {what} ({_first_line(err)}); a rank stopped answering. "
+            f"The job's ranks: {ranks_by_host(_peers)}")

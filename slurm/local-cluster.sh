@@ -111,7 +111,8 @@ node_names() {
 
 # ------------------------------------------------------------------------------------------------ start
 node_cpus() {
-  echo "${ADM_SLURM_CPUS:-$(nproc)}"
+  # nproc honours OMP_NUM_THREADS: a caller that set it (a test, a job) must not get a different slurm.conf.
+  echo "${ADM_SLURM_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
 }
 
 node_memory_mb() {
@@ -165,6 +166,9 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$STATE/jobcomp.log
 JobRequeue=1
 KillWait=10
+# A node whose slurmd stops answering is DOWN after 30 s (default 300): its jobs end NODE_FAIL and are
+# requeued (they are submitted with --requeue) instead of holding the other node for five minutes.
+SlurmdTimeout=30
 ReturnToService=2
 SlurmdParameters=config_overrides
 EOF

@@ -17,8 +17,17 @@ import sys
 
 import submitit
 
-from runtime import preemption
+from runtime import distributed, preemption
 from launch.cli import parse_stage_args
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another rank (or its node) went away; the message names it."""
+
+
+AFTER_A_LOST_NODE = ("If a node failed, SLURM requeues the job once it marks the node DOWN (the job was submitted "
+                     "with --requeue) and the stage resumes from its last checkpoint; otherwise rerun the same command, "
+                     "which resumes from it too.")
 
 
 def _submitit_signal() -> signal.Signals:
@@ -98,7 +107,14 @@ class StageJob(GuardedJob):
         world = os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
         print(f"[adm] rank {rank}/{world} on {socket.gethostname()}: adm {self.command} "
               f"{shlex.join(self.argv)}", flush=True)
-        code = module.run(args)
+        try:
+            code = module.run(args)
+        except Exception as err:
+            note = distributed.describe_failure(err)
+            if note is None:
+                raise
+            print(f"[adm] {note}", file=sys.stderr, flush=True)
+            raise PeerLost(f"{note}. {AFTER_A_LOST_NODE}") from err
         if code and preemption.reason() is not None:
             # The stage caught its own Preempted after checkpointing and returned a status.
             raise preemption.Preempted(f"adm {self.command} stopped with status {code} after a signal")

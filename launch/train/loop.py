@@ -285,6 +285,8 @@ class Trainer:
                          f"strategy {cfg.strategy}, precision {cfg.precision}, world size {info.world_size}, "
                          f"batch {cfg.batch_size} = {info.world_size} x {cfg.grad_accum} x {self.micro_batch}, "
                          f"steps {self.step} -> {cfg.total_steps}")
+        for note in getattr(self.strategy, "notes", ()):
+            self.logger.line(note)
         try:
             while self.step < cfg.total_steps:
                 self.train_step()

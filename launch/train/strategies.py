@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from runtime.distributed import DistInfo, free_port
+from runtime.distributed import DistInfo, free_port, peers
 from runtime.safe_load import dcp_load
 from launch.train.ema import EMA
 from launch.precision import LossScaler, clip_grads_, grad_norm
@@ -75,6 +75,25 @@ def shard_units(module: nn.Module) -> list[nn.Module]:
     return units
 
 
+def shard_groups_note(groups: list[list[int]]) -> str:
+    """HSDP's shard groups (the rows of its (replicate, shard) mesh) and the hosts they run on, in one line.
+
+    Each group should be one node's processes, so that parameter all-gathers stay inside the node; a
+    group spanning nodes is flagged (fsdp_shard_size different from the processes per node).
+    """
+    host_of = {p.rank: p.host for p in peers()}
+    parts, spanning = [], 0
+    for group in groups:
+        hosts = list(dict.fromkeys(host_of.get(r, "?") for r in group))
+        spanning += len(hosts) > 1
+        parts.append(f"ranks {', '.join(map(str, group))} on {', '.join(hosts)}")
+    line = f"HSDP: {len(groups)} replicas, each sharded over {len(groups[0])} ranks: " + "; ".join(parts)
+    if spanning:
+        line += (f". Warning: {spanning} shard group(s) span several nodes, so every parameter all-gather crosses "
+                 "the network: set fsdp_shard_size to the number of processes per node")
+    return line
+
+
 @contextlib.contextmanager
 def _single_process_quiet():
     """DCP warns on every single-process save/load; one process is a supported case here."""
@@ -88,6 +107,7 @@ class TorchStrategy:
 
     def __init__(self, cfg, module: nn.Module, info: DistInfo):
         self.kind = cfg.strategy
+        self.notes: list[str] = []  # lines for the run's log (rank 0 writes them)
         self.info = info
         self.module = module.to(info.device)
         wrapped: nn.Module = self.module
@@ -104,6 +124,7 @@ class TorchStrategy:
                 mesh = init_device_mesh(info.device.type, (world,), mesh_dim_names=("shard",))
             else:  # HSDP: shard inside a group (a node), replicate across groups
                 mesh = init_device_mesh(info.device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+                self.notes.append(shard_groups_note(mesh.mesh.tolist()))
             for unit in shard_units(self.module):
                 fully_shard(unit, mesh=mesh)
             fully_shard(self.module, mesh=mesh)
@@ -384,5 +405,5 @@ def build_strategy(cfg, module: nn.Module, info: DistInfo, micro_batch: int):
     raise ValueError(f"strategy={cfg.strategy!r} is not one of ddp, fsdp, deepspeed")
 
 
-__all__ = ["build_strategy", "TorchStrategy", "DeepSpeedStrategy", "deepspeed_config", "ensure_process_group",
+__all__ = ["build_strategy", "TorchStrategy", "shard_groups_note", "DeepSpeedStrategy", "deepspeed_config", "ensure_process_group",
            "shard_units", "make_optimizer"]

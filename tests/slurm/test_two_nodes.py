@@ -88,13 +88,13 @@ def test_training_on_two_nodes_matches_the_one_node_run(cluster, two_nodes, shar
     same_weights(uninterrupted_run["run_dir"], tmp_path / "run")
 
 
-# One task per node sets up torch.distributed through launch.distributed (MASTER_ADDR from SLURM's node
+# One task per node sets up torch.distributed through runtime.distributed (MASTER_ADDR from SLURM's node
 # list unless the environment already has one) with a 3 s timeout, and all-reduces its rank.
 RENDEZVOUS = """
 import os, socket, time
 import torch
 import torch.distributed as dist
-from launch import distributed
+from runtime import distributed
 
 start = time.monotonic()
 info = distributed.setup(timeout_minutes=0.05)
