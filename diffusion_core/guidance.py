@@ -199,10 +199,16 @@ def _check_labels(y, batch: int, num_classes: int, who: str) -> torch.Tensor:
     y = y.reshape(-1)
     if y.shape[0] != batch:
         raise ValueError(f"{who}: got {y.shape[0]} labels for a batch of {batch}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(
-            f"{who}: labels must lie in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
-        )
+    if y.numel():
+        # An asynchronous device assert, not int(y.min()): this runs at every step, and reading a
+        # value back would make the host wait for the device each time. On a CPU it fails at once;
+        # on a GPU as a device-side assert (the sampling job validates its labels before the loop).
+        try:
+            torch._assert_async(((y >= 0) & (y < num_classes)).all(), f"{who}: a label is outside [0, {num_classes})")
+        except RuntimeError:
+            raise ValueError(
+                f"{who}: labels must lie in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
+            ) from None
     return y.long()
 
 

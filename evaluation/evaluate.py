@@ -99,6 +99,7 @@ class _Pass:
         k = net.num_classes or 1
         self.correct = torch.zeros(k, dtype=torch.float64, device=dev)
         self.total = torch.zeros(k, dtype=torch.float64, device=dev)
+        self.hit_rows: list[torch.Tensor] = []  # per-sample 0/1, for standard errors
 
     def add(self, feats, start: int) -> None:
         self.pool_rows.append(feats.pool.float())
@@ -112,6 +113,13 @@ class _Pass:
             hit = (feats.logits.argmax(1) == y).double()
             self.correct.index_add_(0, y, hit)
             self.total.index_add_(0, y, torch.ones_like(hit))
+            self.hit_rows.append(hit[:, None])
+
+    def local_hits(self) -> torch.Tensor:
+        """This rank's per-sample hits (1: the feature network agrees with the label) as [n, 1]."""
+        if not self.hit_rows:
+            return torch.zeros(0, 1, dtype=torch.float64, device=self.correct.device)
+        return torch.cat(self.hit_rows)
 
     def local_pool(self) -> torch.Tensor:
         """This rank's pool features (possibly none when there are more ranks than images)."""
@@ -193,7 +201,8 @@ def _sample_options(sample_path: Path) -> dict | None:
 def evaluate(reference, samples, features: str | FeatureNetwork = "inception", *, inception_weights=None,
              out_dir=None, batch_size: int = 100, k: int = 3, fp16_pr: bool = True, fid_method: str = "sqrtm",
              split_size: int = 5000, use_stored_stats: bool = True, device=None,
-             print_fn: Callable[[str], None] | None = print, progress: bool = True) -> dict | None:
+             print_fn: Callable[[str], None] | None = print, progress: bool = True,
+             standard_errors: int = 0) -> dict | None:
     """Evaluate a sample file against a reference batch; returns the metrics record (every rank).
 
     `features`: "inception" (the paper's network; weights via `inception_weights`, env or hub cache),
@@ -201,7 +210,9 @@ def evaluate(reference, samples, features: str | FeatureNetwork = "inception", *
     Reference statistics stored in the file (`mu, sigma, mu_s, sigma_s`) are used for Inception
     features unless `use_stored_stats=False`; otherwise they are computed from its images.
     `class_accuracy` is reported when the samples carry labels and the network predicts the dataset's
-    classes. Distributed: the caller sets up the process group (`runtime.distributed.setup()`, as
+    classes. `standard_errors` S > 0 adds `standard_errors` (FID, precision, recall, class accuracy)
+    and the per-half values `half_samples` from S random halves of the samples
+    (evaluation.standard_errors: delete-half jackknife, reference held fixed). Distributed: the caller sets up the process group (`runtime.distributed.setup()`, as
     `adm evaluate` does) and calls this on every rank; each rank then reads its own rows.
     """
     t0 = time.perf_counter()
@@ -231,9 +242,18 @@ def evaluate(reference, samples, features: str | FeatureNetwork = "inception", *
                                      "samples" if progress else None)
         ref_pool = _gather_rows(ref.local_pool(), n_ref, world, rank)
         sam_pool = _gather_rows(sam.local_pool(), n_samples, world, rank)
+        hits = None
+        if standard_errors and sam.labels is not None:
+            hits = _gather_rows(sam.local_hits(), n_samples, world, rank)
         record = None
         if rank == 0:
             record = _finish(net, ref, sam, stored, ref_pool, sam_pool, k, fp16_pr, fid_method, device)
+            if standard_errors:
+                from evaluation.standard_errors import half_sample_errors
+
+                mu_r, sigma_r = (stored["mu"], stored["sigma"]) if stored is not None else ref.pool_stats.mean_cov()
+                record.update(half_sample_errors(ref_pool, sam_pool, mu_r, sigma_r, hits, subsets=standard_errors,
+                                                 k=k, fp16=fp16_pr, fid_method=fid_method, device=device))
             record.update({
                 "format": METRICS_FORMAT, "reference": str(reference.resolve()), "samples": str(samples.resolve()),
                 "num_reference": n_ref, "num_samples": n_samples, "image_size": int(sam_shape[1]),
@@ -252,7 +272,7 @@ def evaluate(reference, samples, features: str | FeatureNetwork = "inception", *
             if out_dir is not None:
                 atomic_write_json(Path(out_dir) / "metrics.json", record)
             if print_fn:
-                print_fn(format_metrics(record["metrics"]))
+                print_fn(format_metrics(record["metrics"], record.get("standard_errors")))
                 for warning in record["warnings"]:
                     print_fn(f"WARNING: {warning}")
     if _distributed():
@@ -319,13 +339,14 @@ def degeneracy_warnings(reference: tuple, samples: tuple, radii: dict, inception
     return out
 
 
-def format_metrics(metrics: dict) -> str:
-    """The lines ADM's evaluator prints (plus class accuracy when present)."""
+def format_metrics(metrics: dict, errors: dict | None = None) -> str:
+    """The lines ADM's evaluator prints (plus class accuracy when present, and standard errors when given)."""
     names = [("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"),
              ("precision", "Precision"), ("recall", "Recall"), ("class_accuracy", "Class accuracy")]
     lines = []
     for key, label in names:
         value = metrics.get(key)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            lines.append(f"{label}: {value}")
+            se = (errors or {}).get(key)
+            lines.append(f"{label}: {value}" + (f" (standard error {se:.4g})" if se is not None else ""))
     return "\n".join(lines)

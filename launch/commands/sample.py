@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from launch.choices import COMPILE_MODES, PRECISIONS, SAMPLERS
+from launch.choices import COMPILE_MODES, PRECISIONS, SAMPLERS, SKIP_TYPES
 from runtime.names import int_at_least, number_in
 
 
@@ -28,18 +28,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--classifier", default=None, help="noisy classifier for guidance (same forms as --model)")
     what.add_argument("--classifier-preset", default=None, help="configuration of --classifier")
     what.add_argument("--classifier-scale", type=_scale, default=None,
-                      help="classifier guidance scale s, or a schedule linear|cosine:START:END (default 1.0 with a classifier)")
+                      help="classifier guidance scale s, or a schedule linear|cosine:START:END, either limited to original "
+                           "timesteps LO..HI with @LO:HI, e.g. 4@200:800 (default 1.0 with a classifier)")
     what.add_argument("--cfg-scale", type=_scale, default=None,
-                      help="classifier-free guidance weight w: eps_u + w (eps_c - eps_u); needs a model with a null class")
+                      help="classifier-free guidance weight w: eps_u + w (eps_c - eps_u), same forms as --classifier-scale "
+                           "(outside an @LO:HI interval w = 1); needs a model with a null class")
     what.add_argument("--num-samples", type=int_at_least(1), default=None, help="how many samples (default with --upsample-from: all of the base file)")
     what.add_argument("--labels", default=None,
                       help="uniform (default; i.i.d. per index as the original), balanced (equal counts, shuffled) or a file (.npy/.npz/.txt)")
     what.add_argument("--seed", type=int_at_least(0), default=0, help="run seed; sample i uses a generator derived from (seed, i)")
     what.add_argument("--upsample-from", default=None, help="ADM-U stage: the base samples (.npz) to upsample with a super-resolution --model")
     how = parser.add_argument_group("how")
-    how.add_argument("--steps", default="250", help="timestep respacing: 250, ddim25, 10,10,10, ... ('' = every training step)")
-    how.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: ddim when --steps starts with ddim, else ddpm")
+    how.add_argument("--steps", default="250",
+                     help="timestep respacing: 250, ddim25, 10,10,10, ... ('' = every training step); or DPM-Solver++ "
+                          "in N network evaluations: dpm++2m-N (second order), dpm++1-N (first order)")
+    how.add_argument("--sampler", choices=SAMPLERS, default=None,
+                     help="default: dpm++ for dpm++ steps, ddim when --steps starts with ddim, else ddpm")
     how.add_argument("--eta", type=number_in(0.0, 1.0), default=0.0, help="DDIM stochasticity (0 = deterministic)")
+    how.add_argument("--skip-type", choices=SKIP_TYPES, default=None,
+                     help="DPM-Solver++ time grid (default time_uniform; logSNR suits the linear schedule only)")
+    how.add_argument("--thresholding", action="store_true",
+                     help="DPM-Solver++: dynamic thresholding of the predicted x0 (0.995 quantile)")
     how.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false", help="do not clamp the predicted x0 to [-1, 1]")
     how.add_argument("--rounding", choices=["truncate", "round"], default="truncate",
                      help="float -> uint8: truncate as the original (default) or round to nearest")

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from runtime.npz import npz_keys, read_array, read_npy
-from launch.choices import COMPILE_MODES, PRECISIONS, SAMPLERS, default_sampler
+from launch.choices import COMPILE_MODES, PRECISIONS, SAMPLERS, SKIP_TYPES, default_sampler, dpm_solver_steps
 
 NOISE_STREAM, LABEL_STREAM, UPSAMPLE_NOISE_STREAM, BALANCED_STREAM = 0, 1, 2, 3
 RUN_FILE = "run.json"  # in OUT/shards: the options hash the shards were made with
@@ -30,8 +30,11 @@ class SampleOptions:
 
     `model` / `classifier`: our model file, `openai:FILE` (a released checkpoint; `preset` names its
     configuration when the file name does not) or a training run directory.
-    `steps`: the timestep respacing ("250", "ddim25", "10,10,10"; "" = all training steps).
-    `sampler`: "ddpm" (ancestral) or "ddim"; None picks ddim when steps start with "ddim".
+    `steps`: the timestep respacing ("250", "ddim25", "10,10,10"; "" = all training steps), or
+    "dpm++2m-N" / "dpm++1-N": DPM-Solver++ of order 2 / 1 in N network evaluations.
+    `sampler`: "ddpm" (ancestral), "ddim" or "dpm++"; None: the one `steps` implies
+    (launch.choices.default_sampler). `skip_type` (DPM-Solver++ time grid: time_uniform (None),
+    logSNR, time_quadratic) and `thresholding` (dynamic thresholding of x0) apply to DPM-Solver++ only.
     `classifier_scale`: None = 1.0 with a classifier (guided-diffusion's default), else 0; a number
     or a schedule string ("linear:START:END", see diffusion_core.guidance).
     `cfg_scale`: classifier-free guidance weight w (eps_u + w (eps_c - eps_u)); None = off.
@@ -50,6 +53,8 @@ class SampleOptions:
     steps: str = "250"
     sampler: str | None = None
     eta: float = 0.0
+    skip_type: str | None = None
+    thresholding: bool = False
     preset: str | None = None
     classifier: str | None = None
     classifier_preset: str | None = None
@@ -86,6 +91,7 @@ def check_options(o: SampleOptions) -> None:
         raise ValueError(f"shard_size must be >= 1, got {o.shard_size}")
     if o.sampler is not None and o.sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {o.sampler!r}")
+    _check_sampler(o)
     if not (isinstance(o.eta, (int, float)) and 0 <= o.eta <= 1):  # also refuses NaN
         raise ValueError(f"eta must lie in [0, 1] (0: DDIM, 1: DDPM-like noise), got {o.eta}")
     if int(o.seed) < 0:
@@ -135,6 +141,18 @@ def check_scale(value, name: str) -> None:
     for number in numbers:
         if abs(number) > MAX_GUIDANCE_SCALE:
             raise ValueError(f"{name}={value!r}: scales must lie within +-{MAX_GUIDANCE_SCALE:g}, got {number:g}")
+
+
+def _check_sampler(o: SampleOptions) -> None:
+    kind = sampler_kind(o)
+    if kind == "dpm++":
+        dpm_solver_steps(o.steps)
+    elif default_sampler(o.steps) == "dpm++":
+        raise ValueError(f"steps {o.steps!r} are DPM-Solver++ steps but the sampler is {kind!r}: drop --sampler")
+    if kind != "dpm++" and (o.skip_type is not None or o.thresholding):
+        raise ValueError("--skip-type and --thresholding apply to DPM-Solver++ only (--steps dpm++2m-N)")
+    if o.skip_type is not None and o.skip_type not in SKIP_TYPES:
+        raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {o.skip_type!r}")
 
 
 def sampler_kind(o: SampleOptions) -> str:
