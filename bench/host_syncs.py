@@ -58,6 +58,7 @@ def count_training(args) -> dict:
     from runtime.host_sync import HostSyncCounter, cuda_sync_debug
     from launch.train import loop
     from launch.train.config import build_config, resolve
+    from launch.train.classifier import ClassifierObjective
     from launch.train.diffusion import DiffusionObjective
 
     info = distributed.setup()
@@ -69,15 +70,19 @@ def count_training(args) -> dict:
     total = warm + 2 * n + 1
     sets = [f"total_steps={total}", f"batch_size={args.micro_batch * info.world_size}", f"log_every={10 ** 6}",
             f"save_every={10 ** 6}", f"num_workers={args.workers}", "allow_slow_precision=true", "progress=false",
-            "ema_rates=0.9999", f"timestep_sampler={args.timestep_sampler}", *args.set]
-    cfg = build_config("diffusion", sets=sets, preset=args.preset, data=str(data), strategy=args.strategy,
+            "ema_rates=0.9999", *args.set]
+    if args.kind == "diffusion":
+        sets.append(f"timestep_sampler={args.timestep_sampler}")
+    preset_name = args.preset or ("tiny-unet" if args.kind == "diffusion" else "tiny-classifier")
+    cfg = build_config(args.kind, sets=sets, preset=preset_name, data=str(data), strategy=args.strategy,
                        precision=args.precision)
     cfg, preset = resolve(cfg)
     if args.preemption_poll == "local":
         loop.preemption.requested_everywhere = preemption.requested  # issue 12 replaces the per-step poll
     launch_id = os.environ.get("MASTER_PORT", "") if info.world_size > 1 else str(os.getpid())
     run_dir = work / f"run-{args.strategy}-{args.precision}-{launch_id}"  # shared by the ranks of one launch
-    trainer = loop.Trainer(cfg, preset, run_dir, DiffusionObjective, info)
+    objective = DiffusionObjective if args.kind == "diffusion" else ClassifierObjective
+    trainer = loop.Trainer(cfg, preset, run_dir, objective, info)
     counter = HostSyncCounter(tag=lambda: trainer.step)
     step_fn = trainer.train_step
     debug = {"entered": None}
@@ -101,7 +106,7 @@ def count_training(args) -> dict:
     first = lambda tag: warm <= tag < warm + n  # noqa: E731
     both = lambda tag: warm <= tag < warm + 2 * n  # noqa: E731
     return {
-        "strategy": args.strategy, "precision": args.precision, "preset": args.preset,
+        "kind": args.kind, "strategy": args.strategy, "precision": args.precision, "preset": preset.name,
         "world_size": info.world_size, "device": str(info.device), "warmup_steps": warm, "N": n,
         "syncs_first_N_steps": counter.count(first), "syncs_2N_steps": counter.count(both),
         "syncs_per_step": (counter.count(both) - counter.count(first)) / n,
@@ -118,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "deepspeed"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--preset", default="tiny-unet")
+    parser.add_argument("--kind", choices=["diffusion", "classifier"], default="diffusion", help="adm train or train-classifier")
+    parser.add_argument("--preset", default=None, help="default tiny-unet / tiny-classifier")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3, help="steps before counting")
     parser.add_argument("--steps", type=int, default=3, help="N: counts are compared over N and 2N steps")

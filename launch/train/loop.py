@@ -34,10 +34,10 @@ from launch.train import config as config_mod
 from runtime import distributed
 from launch.train.checkpointing import CheckpointManager, latest_checkpoint, rng_state, set_rng_state
 from launch.train.ema import EMA
-from launch.precision import LossScaler, autocast, check_supported
+from launch.precision import DTYPES, LossScaler, autocast, check_supported
 from launch.train.strategies import build_strategy
 from launch.train.tb_logging import MetricWindow, RunLogger, format_metrics
-from launch.train.perf import Throughput, flops_per_image, peak_flops, peak_memory_gb
+from launch.train.perf import Throughput, flops_per_image, measured_matmul_peak, peak_flops, peak_memory_gb
 
 
 
@@ -303,7 +303,7 @@ class Trainer:
         return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in self.strategy.params)
 
     def _start_throughput(self) -> None:
-        flops, peak, source = 0.0, 0.0, ""
+        flops, peak, measured, source = 0.0, 0.0, 0.0, ""
         if self.info.rank == 0:
             # Measuring draws random tensors: keep the training RNG where a resumed run expects it.
             devices = [self.device] if self.device.type == "cuda" else []
@@ -311,11 +311,17 @@ class Trainer:
                 with torch.random.fork_rng(devices=devices):
                     flops = float(flops_per_image(self.preset, self.device))
                     peak, source = peak_flops(self.device, self.cfg.precision)
+                    measured = peak if source.startswith("measured") else measured_matmul_peak(
+                        self.device, DTYPES[self.cfg.precision])
             except Exception as err:  # MFU is a diagnostic: never fail a run over it
                 self.logger.line(f"MFU unavailable: {err}")
+                flops = 0.0
             if flops:
                 self.logger.line(f"{flops / 1e9:.3f} GFLOP per training image (forward + backward); "
-                                 f"peak {peak / 1e12:.3f} TFLOP/s per device ({source})")
+                                 f"peak {peak / 1e12:.3f} TFLOP/s per device ({source}); measured matmul "
+                                 f"{measured / 1e12:.3f} TFLOP/s ({measured / peak:.0%} of the peak)")
+                self.logger.scalars(self.step, {"peak_tflops": peak / 1e12, "measured_matmul_tflops": measured / 1e12,
+                                                "gflop_per_image": flops / 1e9}, prefix="perf")
         self._throughput = Throughput(flops, peak, self.info.world_size)
 
     def _log(self) -> None:

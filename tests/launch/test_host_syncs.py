@@ -61,6 +61,11 @@ def test_torch_strategies_make_no_host_sync_per_step(tmp_path, shards, strategy,
     assert report["syncs_first_N_steps"] == report["syncs_2N_steps"] == 0, report["steady_state_locations"]
 
 
+def test_classifier_training_makes_no_host_sync_per_step(tmp_path, shards):
+    report = _count(tmp_path, shards, "--kind", "classifier")
+    assert report["syncs_first_N_steps"] == report["syncs_2N_steps"] == 0, report["steady_state_locations"]
+
+
 def test_deepspeed_adds_no_sync_of_ours(tmp_path, shards):
     """ZeRO-2: the trainer adds none. DeepSpeed itself reads its overflow flag and checks its norm
     on the host (1 read per step in fp32, 2 in bf16); with bf16.check_grad_overflow=false it reads none."""
