@@ -205,20 +205,49 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def deepspeed_config(cfg, micro_batch: int, world_size: int, device_type: str) -> dict:
-    """The DeepSpeed JSON for a training config, with `cfg.deepspeed_config` deep-merged over it."""
+def deepspeed_sizes(param_numels: list[int], device_type: str) -> dict:
+    """ZeRO communication settings sized to the model (DeepSpeed's defaults assume billions of parameters).
+
+    - reduce / all-gather buckets on GPUs: about 1/16 of the model, so ~16 buckets stream out during
+      the backward and overlap it, but never smaller than the largest tensor nor larger than
+      DeepSpeed's default 5e8 elements (fixed 5e8-element buckets made a tiny model allocate
+      gigabytes); on CPUs (gloo, nothing to overlap with) one bucket of the whole model;
+    - overlap_comm on GPUs only (separate CUDA streams);
+    - contiguous_gradients: gradients copied into one buffer as they are produced (no fragmentation);
+    - ZeRO-3: prefetch one bucket ahead; tensors below 1/10000 of the model (at most 1e5 elements,
+      DeepSpeed's default) stay whole on every rank, where gathering them would cost more latency
+      than the memory it saves.
+    """
+    total = max(sum(param_numels), 1)
+    largest = max(param_numels, default=1)
+    share = -(-total // 16) if device_type == "cuda" else total
+    bucket = int(min(max(share, largest), 5e8))
+    return {
+        "overlap_comm": device_type == "cuda",
+        "contiguous_gradients": True,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+        "stage3_prefetch_bucket_size": bucket,
+        "stage3_param_persistence_threshold": int(min(max(total // 10_000, 1), 1e5)),
+    }
+
+
+def deepspeed_config(cfg, micro_batch: int, world_size: int, device_type: str,
+                     param_numels: list[int] | None = None) -> dict:
+    """The DeepSpeed JSON for a training config, with `cfg.deepspeed_config` deep-merged over it.
+
+    `param_numels` (the model's tensor sizes) sizes buckets and thresholds (`deepspeed_sizes`);
+    without it DeepSpeed's defaults apply.
+    """
+    zero = {"stage": cfg.zero_stage}
+    if param_numels:
+        zero.update(deepspeed_sizes(param_numels, device_type))
     generated = {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": float(cfg.grad_clip),
-        "zero_optimization": {
-            "stage": cfg.zero_stage,
-            "overlap_comm": device_type == "cuda",
-            "contiguous_gradients": True,
-            "reduce_bucket_size": int(5e8),
-            "allgather_bucket_size": int(5e8),
-        },
+        "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {
             "enabled": cfg.precision == "fp16",
@@ -266,7 +295,8 @@ class DeepSpeedStrategy:
             os.environ.setdefault(key, str(value))
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         self.info = info
-        self.config = deepspeed_config(cfg, micro_batch, dist.get_world_size(), info.device.type)
+        self.config = deepspeed_config(cfg, micro_batch, dist.get_world_size(), info.device.type,
+                                       [p.numel() for p in module.parameters()])
         self.stage = int(self.config["zero_optimization"].get("stage", 0))
         module = module.to(info.device)
         self.optimizer = make_optimizer(module.parameters(), cfg)
@@ -394,5 +424,5 @@ def build_strategy(cfg, module: nn.Module, info: DistInfo, micro_batch: int):
     raise ValueError(f"strategy={cfg.strategy!r} is not one of ddp, fsdp, deepspeed")
 
 
-__all__ = ["build_strategy", "TorchStrategy", "DeepSpeedStrategy", "deepspeed_config", "ensure_process_group",
+__all__ = ["build_strategy", "TorchStrategy", "DeepSpeedStrategy", "deepspeed_config", "deepspeed_sizes", "ensure_process_group",
            "shard_units", "make_optimizer"]

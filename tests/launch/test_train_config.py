@@ -14,7 +14,7 @@ from launch.cli import main as adm
 from runtime.distributed import DistInfo
 from launch.train.ema import EMA, ema_name
 from launch.precision import LossScaler, NonFiniteLossError, autocast, check_supported
-from launch.train.strategies import TorchStrategy, deepspeed_config
+from launch.train.strategies import TorchStrategy, deepspeed_config, deepspeed_sizes
 from launch.train.loop import lr_at, prepare_run_dir
 
 
@@ -233,6 +233,22 @@ def test_deepspeed_config_generated_and_user_override(tmp_path):
     user.write_text(json.dumps({"train_batch_size": 1024}))
     with pytest.raises(ValueError, match="set batch_size / grad_accum"):
         deepspeed_config(cfg, 4, 8, "cuda")
+
+
+def test_deepspeed_buckets_are_sized_to_the_model():
+    with torch.device("meta"):
+        numels = [p.numel() for p in presets.build("adm256").parameters()]
+    gpu = deepspeed_sizes(numels, "cuda")
+    assert gpu["reduce_bucket_size"] == gpu["allgather_bucket_size"] == -(-553_838_086 // 16)
+    assert gpu["overlap_comm"] and gpu["contiguous_gradients"]
+    assert gpu["stage3_param_persistence_threshold"] == 55_383
+    tiny = deepspeed_sizes([1000, 73_728, 500], "cuda")
+    assert tiny["reduce_bucket_size"] == 73_728  # never smaller than the largest tensor
+    assert deepspeed_sizes([10 ** 6] * 10_000, "cuda")["reduce_bucket_size"] == 5 * 10 ** 8  # DeepSpeed's default at most
+    cpu = deepspeed_sizes([1000, 73_728, 500], "cpu")
+    assert cpu["reduce_bucket_size"] == 75_228 and not cpu["overlap_comm"]
+    cfg, _ = resolved(sets=["strategy=deepspeed", "batch_size=8"])
+    assert deepspeed_config(cfg, 4, 2, "cuda", numels)["zero_optimization"]["reduce_bucket_size"] == gpu["reduce_bucket_size"]
 
 
 def test_dry_run_prints_the_resolved_config(capsys, tmp_path):
