@@ -24,35 +24,39 @@ T = 1e12
 
 @dataclass(frozen=True)
 class GpuPeaks:
-    """Dense (no sparsity) datasheet peaks of one GPU model in FLOP/s (0 = no such arithmetic)."""
+    """Dense (no sparsity) datasheet peaks of one GPU model in FLOP/s (0 = no such arithmetic),
+    and its memory in GiB (for the dry-run plan)."""
 
     label: str
     fp32: float
     tf32: float
     bf16: float
     fp16: float
+    memory_gib: float = 0.0
 
 
 # NVIDIA datasheets; the tensor-core numbers there are quoted "with sparsity", halved here.
 # Checked in order: the first whose pattern matches torch.cuda.get_device_name() wins.
 GPU_PEAKS: list[tuple[str, GpuPeaks]] = [
-    (r"GH200", GpuPeaks("GH200", 67 * T, 494.7 * T, 989.4 * T, 989.4 * T)),
-    (r"H200.*NVL", GpuPeaks("H200 NVL", 60 * T, 417.5 * T, 835.5 * T, 835.5 * T)),
-    (r"H200", GpuPeaks("H200 SXM", 67 * T, 494.7 * T, 989.4 * T, 989.4 * T)),
-    (r"H100.*NVL", GpuPeaks("H100 NVL", 60 * T, 417.5 * T, 835.5 * T, 835.5 * T)),
-    (r"H100.*PCI[eE]", GpuPeaks("H100 PCIe", 51 * T, 378 * T, 756.5 * T, 756.5 * T)),
-    (r"H100", GpuPeaks("H100 SXM", 67 * T, 494.7 * T, 989.4 * T, 989.4 * T)),  # "NVIDIA H100 80GB HBM3"
-    (r"A100.*80GB.*PCI[eE]|A100.*PCI[eE].*80GB", GpuPeaks("A100 80GB PCIe", 19.5 * T, 156 * T, 312 * T, 312 * T)),
-    (r"A100.*PCI[eE]", GpuPeaks("A100 40GB PCIe", 19.5 * T, 156 * T, 312 * T, 312 * T)),
-    (r"A100.*80GB", GpuPeaks("A100 80GB SXM", 19.5 * T, 156 * T, 312 * T, 312 * T)),
-    (r"A100", GpuPeaks("A100 40GB SXM", 19.5 * T, 156 * T, 312 * T, 312 * T)),
-    (r"L40S", GpuPeaks("L40S", 91.6 * T, 183 * T, 362.05 * T, 362.05 * T)),
-    (r"L40\b", GpuPeaks("L40", 90.5 * T, 90.5 * T, 181.05 * T, 181.05 * T)),
-    (r"L4\b", GpuPeaks("L4", 30.3 * T, 60 * T, 121 * T, 121 * T)),
-    (r"A40\b", GpuPeaks("A40", 37.4 * T, 74.8 * T, 149.7 * T, 149.7 * T)),
-    (r"A10\b", GpuPeaks("A10", 31.2 * T, 62.5 * T, 125 * T, 125 * T)),
-    (r"V100.*PCI[eE]", GpuPeaks("V100 PCIe", 14 * T, 0.0, 0.0, 112 * T)),
-    (r"V100", GpuPeaks("V100 SXM2", 15.7 * T, 0.0, 0.0, 125 * T)),
+    (r"GH200", GpuPeaks("GH200", 67 * T, 494.7 * T, 989.4 * T, 989.4 * T, 96)),
+    (r"H200.*NVL", GpuPeaks("H200 NVL", 60 * T, 417.5 * T, 835.5 * T, 835.5 * T, 141)),
+    (r"H200", GpuPeaks("H200 SXM", 67 * T, 494.7 * T, 989.4 * T, 989.4 * T, 141)),
+    (r"H100.*NVL", GpuPeaks("H100 NVL", 60 * T, 417.5 * T, 835.5 * T, 835.5 * T, 94)),
+    (r"H100.*PCI[eE]", GpuPeaks("H100 PCIe", 51 * T, 378 * T, 756.5 * T, 756.5 * T, 80)),
+    (r"H100", GpuPeaks("H100 SXM", 67 * T, 494.7 * T, 989.4 * T, 989.4 * T, 80)),  # "NVIDIA H100 80GB HBM3"
+    (r"A100.*80GB.*PCI[eE]|A100.*PCI[eE].*80GB", GpuPeaks("A100 80GB PCIe", 19.5 * T, 156 * T, 312 * T, 312 * T, 80)),
+    (r"A100.*PCI[eE]", GpuPeaks("A100 40GB PCIe", 19.5 * T, 156 * T, 312 * T, 312 * T, 40)),
+    (r"A100.*80GB", GpuPeaks("A100 80GB SXM", 19.5 * T, 156 * T, 312 * T, 312 * T, 80)),
+    (r"A100", GpuPeaks("A100 40GB SXM", 19.5 * T, 156 * T, 312 * T, 312 * T, 40)),
+    (r"L40S", GpuPeaks("L40S", 91.6 * T, 183 * T, 362.05 * T, 362.05 * T, 48)),
+    (r"L40\b", GpuPeaks("L40", 90.5 * T, 90.5 * T, 181.05 * T, 181.05 * T, 48)),
+    (r"L4\b", GpuPeaks("L4", 30.3 * T, 60 * T, 121 * T, 121 * T, 24)),
+    (r"A40\b", GpuPeaks("A40", 37.4 * T, 74.8 * T, 149.7 * T, 149.7 * T, 48)),
+    (r"A10\b", GpuPeaks("A10", 31.2 * T, 62.5 * T, 125 * T, 125 * T, 24)),
+    (r"V100.*PCI[eE].*32GB", GpuPeaks("V100 PCIe 32GB", 14 * T, 0.0, 0.0, 112 * T, 32)),
+    (r"V100.*PCI[eE]", GpuPeaks("V100 PCIe", 14 * T, 0.0, 0.0, 112 * T, 16)),
+    (r"V100.*32GB", GpuPeaks("V100 SXM2 32GB", 15.7 * T, 0.0, 0.0, 125 * T, 32)),
+    (r"V100", GpuPeaks("V100 SXM2", 15.7 * T, 0.0, 0.0, 125 * T, 16)),
 ]
 
 

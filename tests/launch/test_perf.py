@@ -37,9 +37,16 @@ def test_peak_table_per_sku(name, label, bf16, tf32, fp32):
     assert datasheet_peak(name, "fp32", tf32=False)[0] == pytest.approx(fp32 * T)
 
 
+@pytest.mark.parametrize("name,memory", [("NVIDIA A100-SXM4-40GB", 40), ("NVIDIA A100-SXM4-80GB", 80),
+                                         ("NVIDIA H100 80GB HBM3", 80), ("NVIDIA H100 NVL", 94), ("NVIDIA H200", 141),
+                                         ("Tesla V100-SXM2-16GB", 16), ("Tesla V100-SXM2-32GB", 32)])
+def test_memory_per_sku(name, memory):
+    assert gpu_peaks(name).memory_gib == memory
+
+
 def test_unknown_gpus_and_missing_arithmetic_fall_back_to_a_measurement():
     assert datasheet_peak("NVIDIA GeForce RTX 9999", "bf16") == (0.0, "'NVIDIA GeForce RTX 9999' is not in the peak table")
-    assert datasheet_peak("Tesla V100-SXM2-32GB", "bf16") == (0.0, "V100 SXM2 has no bf16 tensor cores")
+    assert datasheet_peak("Tesla V100-SXM2-32GB", "bf16") == (0.0, "V100 SXM2 32GB has no bf16 tensor cores")
     assert datasheet_peak("Tesla V100-PCIE-16GB", "fp16")[0] == pytest.approx(112 * T)
 
 
