@@ -161,7 +161,7 @@ def test_sigterm_checkpoints_and_kill9_resume_is_bitwise(reference, work):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     saved = sorted(int(p.name[5:]) for p in ckpt.glob("step_*"))
-    assert saved[-1] < 8 and "after a stop signal (15); checkpoint written" in (run_dir / "log.txt").read_text(), out[-2000:]
+    assert saved[-1] < 8 and "after a stop signal (SIGTERM); checkpoint written" in (run_dir / "log.txt").read_text(), out[-2000:]
     # 2. Rerun the same command; kill -9 every process once it has logged a step past a checkpoint.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_new = saved[-1] + 2 - saved[-1] % 2  # the next periodic checkpoint

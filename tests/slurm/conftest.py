@@ -1,7 +1,9 @@
 """Fixtures for the SLURM tests: the local cluster (slurm/local-cluster.sh) must be up for `slurm` tests.
 
 They skip only when SLURM is not installed here or the cluster is not running; CI installs and
-starts it (.ci/run), so there they always run.
+starts it (.ci/run), so there they always run. They run on a cluster of one node (`start`) or more
+(`start --nodes 2`, what CI starts): no test assumes that a node is called `hostname`; the tests that
+need two nodes (test_two_nodes.py) skip on one.
 """
 from __future__ import annotations
 
@@ -14,15 +16,26 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+UP_STATES = {"idle", "mixed", "allocated", "completing"}
+
+# Jobs must run this checkout's code: sbatch and srun hand the submitting environment on to every task
+# (also inside the nodes of a multi-node local cluster), so put this repository first on PYTHONPATH, ahead
+# of any installed or editable copy the job's python would otherwise import.
+if str(REPO) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 
 def cluster_problem() -> str | None:
     """Why the local cluster cannot be used, or None when it is up."""
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         return "SLURM is not installed (sinfo/sbatch not on PATH): run slurm/local-cluster.sh install && start"
+    conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
+    if not os.path.exists(conf):
+        # Without a configuration file SLURM's commands look the controller up in DNS: do not ask.
+        return f"the local SLURM cluster is not up (no {conf}): slurm/local-cluster.sh start"
     out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
     states = {s.strip("*~#") for s in out.stdout.split()}
-    if out.returncode != 0 or not states & {"idle", "mixed", "allocated", "completing"}:
+    if out.returncode != 0 or not states & UP_STATES:
         return f"the local SLURM cluster is not up ({(out.stderr or out.stdout).strip()[:200]}): slurm/local-cluster.sh start"
     return None
 
@@ -34,6 +47,23 @@ def cluster() -> str:
     if problem:
         pytest.skip(problem)
     return "local"
+
+
+def up_nodes() -> list[str]:
+    """Names of the cluster's nodes that can take jobs (sinfo), in SLURM's order."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=30)
+    nodes = []
+    for line in out.stdout.splitlines():
+        name, _, state = line.partition(" ")
+        if state.strip().strip("*~#") in UP_STATES and name not in nodes:
+            nodes.append(name)
+    return nodes
+
+
+@pytest.fixture(scope="session")
+def cluster_nodes(cluster) -> list[str]:
+    """The up nodes of the local cluster: [`hostname`] for `start`, [adm-node1, adm-node2] for `start --nodes 2`."""
+    return up_nodes()
 
 
 @pytest.fixture(scope="session")
