@@ -68,12 +68,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--keep-shards", action="store_true", help="keep shards/ after the merge")
     out.add_argument("--grid-size", type=int_at_least(0), default=64, help="samples in grid.png (0: none)")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    plan = parser.add_argument_group("dry-run plan")
+    plan.add_argument("--dry-run", action="store_true", help="print the memory/time plan (JSON on stdout, a table "
+                      "on stderr) and exit; loads no weights where the preset is known, writes nothing")
+    plan.add_argument("--world-size", type=int, default=None, help="GPUs (default: $WORLD_SIZE or $SLURM_NTASKS, else 1)")
+    plan.add_argument("--gpu", default=None, help="GPU model to plan for (default: this machine's GPU, else H200)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="MFU the speed is stated at (default 0.4)")
+
+_PLAN_ONLY = ("dry_run", "world_size", "gpu", "mfu")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the sampling job described by the parsed flags."""
+    if args.dry_run:
+        return _dry_run(args)
     from launch.sample.job import sample
     from launch.sample.options import SampleOptions
 
-    sample(SampleOptions(**vars(args)))
+    sample(SampleOptions(**{k: v for k, v in vars(args).items() if k not in _PLAN_ONLY}))
+    return 0
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from launch.plan import format_plan, preset_of_spec, sampling_plan, world_size_from_env
+
+    model = preset_of_spec(args.model, args.preset)
+    clf = preset_of_spec(args.classifier, args.classifier_preset) if args.classifier else None
+    plan = sampling_plan(model, clf, args.steps, args.network_batch or args.batch_size, args.precision,
+                         cfg_guidance=args.cfg_scale is not None,
+                         world_size=args.world_size if args.world_size is not None else world_size_from_env(),
+                         gpu=args.gpu, mfu=args.mfu)
+    print(format_plan(plan), file=sys.stderr)
+    print(json.dumps(plan, indent=2))
     return 0

@@ -9,6 +9,10 @@ precision, the data stream, checkpoints, preemption and logging. One optimizer s
         backward(loss * loss_scale / grad_accum)            # gradient sync on the last one only
     unscale, check finite on all ranks, clip, optimizer step (skipped if not finite)
     EMA update (only after an applied step)
+
+Nothing in a steady-state step waits for the device: finiteness, clipping, the loss scale, the
+skip decision and the EMA gate are device tensors, and the metrics, gradient norms and the
+non-finite guard are read once per `log_every` steps (tests/launch/test_host_syncs.py counts this).
 """
 from __future__ import annotations
 
@@ -31,10 +35,10 @@ from launch.train import config as config_mod
 from runtime import distributed
 from launch.train.checkpointing import CheckpointManager, latest_checkpoint, rng_state, set_rng_state
 from launch.train.ema import EMA
-from launch.precision import LossScaler, autocast, check_supported
+from launch.precision import DTYPES, LossScaler, autocast, check_supported
 from launch.train.strategies import build_strategy
 from launch.train.tb_logging import MetricWindow, RunLogger, format_metrics
-from launch.train.perf import Throughput, flops_per_image, peak_flops, peak_memory_gb
+from launch.train.perf import Throughput, flops_per_image, measured_matmul_peak, peak_flops, peak_memory_gb
 from launch.train.stop_poll import StopPoll
 
 
@@ -137,7 +141,8 @@ class Trainer:
         self.ema = EMA(self.strategy.ema_sources(), config_mod.ema_rates_of(cfg))
         self.scaler = LossScaler(dynamic=cfg.precision == "fp16" and cfg.strategy != "deepspeed",
                                  init_scale=cfg.loss_scale_init, floor=cfg.loss_scale_floor,
-                                 growth_interval=cfg.loss_scale_window, max_nonfinite=cfg.max_nonfinite_steps)
+                                 growth_interval=cfg.loss_scale_window, max_nonfinite=cfg.max_nonfinite_steps,
+                                 device=self.device)
         self.objective = objective_cls(self)
         self.step = 0
         self.images_seen = 0
@@ -158,7 +163,8 @@ class Trainer:
             self.logger.line(line)
         self.window = MetricWindow(self.objective.metric_names, self.objective.num_timesteps, self.device)
         self.signals = preemption.watch()
-        self._grad_norms: list[float] = []
+        # Sum and count of the applied steps' gradient norms since the last log (on the device).
+        self._grad_norm_acc = torch.zeros(2, dtype=torch.float64, device=self.device)
         self._throughput = None
 
     # -- set-up helpers -----------------------------------------------------------------------
@@ -254,8 +260,9 @@ class Trainer:
         labels = batch["labels"].to(self.device, non_blocking=True)
         return images, labels
 
-    def train_step(self) -> bool:
-        """One optimizer step over grad_accum micro-batches; returns whether it was applied."""
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns whether it was applied (a 0-d
+        device tensor, 1.0 or 0.0: reading it waits for the device)."""
         cfg = self.cfg
         for micro in range(cfg.grad_accum):
             images, labels = self.next_batch()
@@ -265,10 +272,11 @@ class Trainer:
                 self.strategy.backward(out["loss"], self.scaler, cfg.grad_accum)
             self.window.add(out["t"], out["metrics"])
             self.objective.after_micro_step(out)
-        applied, norm = self.strategy.step(lr_at(cfg, self.step), self.scaler, cfg.grad_clip)
-        if applied:
-            self.ema.update(self.strategy.ema_sources())
-            self._grad_norms.append(norm)
+        found_inf, norm = self.strategy.step(lr_at(cfg, self.step), self.scaler, cfg.grad_clip)
+        applied = 1.0 - found_inf
+        self.ema.update(self.strategy.ema_sources(), applied)
+        counted = applied.bool() & torch.isfinite(norm)
+        self._grad_norm_acc += torch.stack([torch.where(counted, norm, 0.0), counted.to(norm.dtype)]).to(self._grad_norm_acc)
         return applied
 
     # -- the loop -----------------------------------------------------------------------------
@@ -339,7 +347,7 @@ class Trainer:
         return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in self.strategy.params)
 
     def _start_throughput(self) -> None:
-        flops, peak, source = 0.0, 0.0, ""
+        flops, peak, measured, source = 0.0, 0.0, 0.0, ""
         if self.info.rank == 0:
             # Measuring draws random tensors: keep the training RNG where a resumed run expects it.
             devices = [self.device] if self.device.type == "cuda" else []
@@ -347,19 +355,28 @@ class Trainer:
                 with torch.random.fork_rng(devices=devices):
                     flops = float(flops_per_image(self.preset, self.device))
                     peak, source = peak_flops(self.device, self.cfg.precision)
+                    measured = peak if source.startswith("measured") else measured_matmul_peak(
+                        self.device, DTYPES[self.cfg.precision])
             except Exception as err:  # MFU is a diagnostic: never fail a run over it
                 self.logger.line(f"MFU unavailable: {err}")
+                flops = 0.0
             if flops:
                 self.logger.line(f"{flops / 1e9:.3f} GFLOP per training image (forward + backward); "
-                                 f"peak {peak / 1e12:.3f} TFLOP/s per device ({source})")
+                                 f"peak {peak / 1e12:.3f} TFLOP/s per device ({source}); measured matmul "
+                                 f"{measured / 1e12:.3f} TFLOP/s ({measured / peak:.0%} of the peak)")
+                self.logger.scalars(self.step, {"peak_tflops": peak / 1e12, "measured_matmul_tflops": measured / 1e12,
+                                                "gflop_per_image": flops / 1e9}, prefix="perf")
         self._throughput = Throughput(flops, peak, self.info.world_size)
 
     def _log(self) -> None:
+        # The one place a step's results are read back (besides checkpoints): every log_every steps.
+        self.scaler.check()
         values = self.window.reduce(self.device)
         perf = self._throughput.read()
-        norms = [n for n in self._grad_norms if math.isfinite(n)]
+        norm_sum, norm_count = self._grad_norm_acc.tolist()
+        self._grad_norm_acc.zero_()
         values.update(
-            grad_norm=float(np.mean(norms)) if norms else float("nan"),
+            grad_norm=norm_sum / norm_count if norm_count else float("nan"),
             lr=lr_at(self.cfg, self.step - 1),
             loss_scale=self._loss_scale(),
             skipped_steps=float(self.scaler.skipped_total),
@@ -368,7 +385,6 @@ class Trainer:
             peak_memory_gb=peak_memory_gb(self.device),
             images_seen=float(self.images_seen),
         )
-        self._grad_norms = []
         self.logger.scalars(self.step, values)
         self.logger.line(format_metrics(self.step, values, self.objective.log_keys + (
             "grad_norm", "lr", "loss_scale", "images_per_s", "mfu", "peak_memory_gb")))
@@ -382,6 +398,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (a collective)."""
+        self.scaler.check()  # a diverged run stops before it writes a checkpoint
         trainer_state = {
             "step": self.step,
             "images_seen": self.images_seen,
