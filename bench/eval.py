@@ -3,6 +3,7 @@ square root (scipy sqrtm vs the eigen form), and the domain classifier's trainin
 
   .venv/bin/python bench/eval.py                       # everything, CPU-sized
   .venv/bin/python bench/eval.py --only sqrtm pr       # a subset
+  .venv/bin/python bench/eval.py --only npz            # the cost of the .npz reader's CRC check
   .venv/bin/python bench/eval.py --pr-ref 10000 --pr-samples 50000   # the paper's size (GPU)
 
 Prints measured times and ratios; the precision/recall figure at reduced size is extrapolated to
@@ -137,9 +138,37 @@ def bench_classifier(epochs: int) -> None:
           f"{t}, held-out accuracy {info['val_accuracy']:.4f}")
 
 
+def bench_npz_read(megabytes: int) -> None:
+    """Reading a sample file by batches through runtime.npz (sizes and zip CRC checked as it reads)
+    against reading and copying the same bytes with no checks: the cost of the CRC."""
+    import tempfile
+
+    from runtime.npz import NpzArray
+
+    rows = max(1, (megabytes << 20) // (64 * 64 * 3))
+    images = np.random.default_rng(0).integers(0, 256, (rows, 64, 64, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "samples.npz"
+        np.savez(path, images)
+        with NpzArray(path, "arr_0") as arr, Timer() as checked:
+            for _ in arr.batches(256):
+                pass
+            assert arr.verified
+        with open(path, "rb") as handle, Timer() as raw:  # what the reader did before: read and copy
+            while chunk := handle.read(256 * 64 * 64 * 3):
+                np.frombuffer(chunk, dtype=np.uint8).copy()
+        with NpzArray(path, "arr_0") as arr, Timer() as verify:
+            arr.verify()
+    size = images.nbytes / 1e9
+    print(f"npz read {size:.2f} GB by batches of 256 (64 px): checked {checked} ({size / checked.wall:.2f} GB/s), "
+          f"unchecked file read {raw} ({size / raw.wall:.2f} GB/s), checked/unchecked wall "
+          f"{checked.wall / raw.wall:.2f}x; verify() pass {verify} ({size / verify.wall:.2f} GB/s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", choices=("features", "pr", "sqrtm", "classifier"))
+    parser.add_argument("--only", nargs="*", choices=("features", "pr", "sqrtm", "classifier", "npz"))
+    parser.add_argument("--npz-mb", type=int, default=512, help="size of the sample file of the npz benchmark")
     parser.add_argument("--feature-batch", type=int, default=8)
     parser.add_argument("--feature-batches", type=int, default=3)
     parser.add_argument("--feature-size", type=int, default=64)
@@ -152,7 +181,7 @@ def main() -> None:
                         help="torch CPU threads (1: CPU time is then a load-independent measure)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    only = set(args.only or ("features", "pr", "sqrtm", "classifier"))
+    only = set(args.only or ("features", "pr", "sqrtm", "classifier", "npz"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {_device()}, "
           f"load average {os.getloadavg()[0]:.1f}")
     if "features" in only:
@@ -163,6 +192,8 @@ def main() -> None:
         bench_sqrtm(args.dim, args.cov_samples)
     if "classifier" in only:
         bench_classifier(args.epochs)
+    if "npz" in only:
+        bench_npz_read(args.npz_mb)
 
 
 if __name__ == "__main__":

@@ -183,7 +183,9 @@ def build_pipeline(data: Any, source: str | os.PathLike, out: str | None = None,
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {unknown}; known: {sorted(_TOP_KEYS)}")
 
-    name = check_name(data.get("name") or source.stem, f"{source}: pipeline name")
+    # An explicit name must be a name; a file's own name is made one (e.g. "my pipeline" -> "my_pipeline").
+    fallback = re.sub(r"[^A-Za-z0-9._-]", "_", source.stem).lstrip(".-") or "pipeline"
+    name = check_name(data.get("name") or fallback, f"{source}: pipeline name")
     if not isinstance(data.get("vars") or {}, dict):
         raise ValueError(f"{source}: 'vars' must be a mapping of names to values")
     values = {str(k): str(v) for k, v in (data.get("vars") or {}).items()}
