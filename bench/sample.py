@@ -13,6 +13,12 @@ fp32 matmul on CPU and the datasheet dense bf16 peak on a GPU (--peak-tflops to 
 Printed ratios: DDIM-25 vs DDPM-250 samples/s, guided vs unguided step time, and with
 --network-batch C the guided step time of the batch run as chunks of C rows over one call of the
 whole batch (the price of the sampler's batch-size-independent mode).
+
+Guided-step cost per sampler (DDPM-250, DDIM-25, DPM-Solver++(2M) with 15 and 20 evaluations):
+network evaluations per sample, counted from the rows the model and the classifier actually
+receive during the timed loops (a classifier evaluation is a forward and the backward to its
+input), and seconds per sample, each also as a ratio to DDPM-250 in the same run. DDPM-250's
+figures are extrapolated from its `--measure-steps` timed steps (printed as such).
 """
 from __future__ import annotations
 
@@ -55,8 +61,21 @@ def gpu_peak_flops(override: float | None) -> float:
     raise SystemExit(f"unknown GPU {name!r}: pass --peak-tflops (dense bf16 peak)")
 
 
+class RowCounter(torch.nn.Module):
+    """A network that counts the rows (sample evaluations) it is called with."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net, self.rows = net, 0
+
+    def forward(self, x, *args, **kwargs):
+        self.rows += x.shape[0]
+        return self.net(x, *args, **kwargs)
+
+
 def build_networks(model_name: str, clf_name: str | None, device, compile_mode: str):
-    """Randomly initialised model and classifier, built directly on `device` (optionally compiled)."""
+    """Randomly initialised model and classifier, built directly on `device` (optionally compiled),
+    each wrapped in a RowCounter."""
     with torch.device(device):
         model = presets.build(model_name).eval().requires_grad_(False)
         clf = presets.build(clf_name).eval().requires_grad_(False) if clf_name else None
@@ -64,7 +83,7 @@ def build_networks(model_name: str, clf_name: str | None, device, compile_mode: 
         mode = None if compile_mode == "default" else compile_mode
         model = torch.compile(model, mode=mode)
         clf = torch.compile(clf, mode=mode) if clf is not None else None
-    return model, clf
+    return RowCounter(model), (RowCounter(clf) if clf is not None else None)
 
 
 def make_sampler(model_name: str, networks, steps: str, device, precision: str, guided: bool = True,
@@ -101,18 +120,57 @@ def step_flops(sampler: GuidedSampler, batch: int, num_classes: int) -> float:
     return float(counter.get_total_flops())
 
 
-def seconds_per_step(sampler: GuidedSampler, batch: int, num_classes: int, warmup: int = 2) -> float:
-    """Wall seconds per reverse step of `sampler.sample` (the whole loop, noise included)."""
+def seconds_per_step(sampler: GuidedSampler, batch: int, num_classes: int, warmup: int = 2,
+                     on_start=None) -> float:
+    """Wall seconds per reverse step of `sampler.sample` (the whole loop, noise included);
+    `on_start()` is called after the warm-up steps, just before the timed loop."""
     seeds = [sample_seed(0, i) for i in range(batch)]
     y = torch.randint(0, num_classes, (batch,), device=sampler.device)
     x = torch.randn(batch, *sampler.image_shape, device=sampler.device)
     for _ in range(warmup):  # allocator, cuDNN autotuning, compilation
         sampler.step(x, sampler.num_steps - 1, sampler.model_kwargs(y, None), torch.randn_like(x))
     _sync(sampler.device)
+    if on_start is not None:
+        on_start()
     t0 = time.perf_counter()
     sampler.sample(seeds, y)
     _sync(sampler.device)
     return (time.perf_counter() - t0) / sampler.num_steps
+
+
+# (label, steps string, steps the cost is quoted for): the samplers of the cost table.
+COST_SAMPLERS = (("DDPM-250", None, 250), ("DDIM-25", "ddim25", 25), ("DPM-Solver++(2M)-15", "dpm++2m-15", 15),
+                 ("DPM-Solver++(2M)-20", "dpm++2m-20", 20))
+
+
+def sampler_costs(model_name: str, nets, batch: int, device, precision: str, measure_steps: int) -> list[dict]:
+    """Per sampler: model and classifier evaluations per sample (counted) and seconds per sample,
+    with ratios to DDPM-250 (whose loop is timed for `measure_steps` steps and scaled to 250)."""
+    num_classes = presets.get(model_name).model.num_classes
+    model, clf = nets
+    rows = []
+    for label, steps, quoted in COST_SAMPLERS:
+        sampler = make_sampler(model_name, nets, steps or str(measure_steps), device, precision)
+        def reset():
+            model.rows = clf.rows = 0
+
+        per_step = seconds_per_step(sampler, batch, num_classes, warmup=1, on_start=reset)
+        scale = quoted / sampler.num_steps
+        rows.append({"sampler": label, "steps": steps or "250", "extrapolated": steps is None,
+                     "model_evals_per_sample": model.rows / batch * scale,
+                     "classifier_evals_per_sample": clf.rows / batch * scale,
+                     "seconds_per_sample": per_step * quoted / batch})
+    base = rows[0]
+    for r in rows:
+        r["evals_ratio"] = r["model_evals_per_sample"] / base["model_evals_per_sample"]
+        r["seconds_ratio"] = r["seconds_per_sample"] / base["seconds_per_sample"]
+    print(f"  guided-step cost per sampler (batch {batch}; ratios to DDPM-250 in this run):\n"
+          f"    {'sampler':<22}{'model evals':>12}{'clf evals':>10}{'s/sample':>10}{'evals ratio':>13}{'time ratio':>11}")
+    for r in rows:
+        note = f"  (extrapolated from {measure_steps} steps)" if r["extrapolated"] else ""
+        print(f"    {r['sampler']:<22}{r['model_evals_per_sample']:>12.0f}{r['classifier_evals_per_sample']:>10.0f}"
+              f"{r['seconds_per_sample']:>10.4f}{r['evals_ratio']:>13.3f}{r['seconds_ratio']:>11.3f}{note}", flush=True)
+    return rows
 
 
 def run_config(label: str, model_name: str, clf_name: str, batch: int, device, precision: str, peak: float,
@@ -147,6 +205,7 @@ def run_config(label: str, model_name: str, clf_name: str, batch: int, device, p
           f"guided / unguided step time = {res['guided_over_unguided_step_time']:.2f}"
           + (f"; network batch {network_batch} / whole batch step time = {res['chunked_over_whole_step_time']:.2f}"
              if network_batch else ""), flush=True)
+    res["sampler_costs"] = sampler_costs(model_name, nets, batch, device, precision, measure_steps)
     return res
 
 

@@ -17,11 +17,13 @@ hands out batches round-robin over its workers, so a resume also rotates which w
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
 import os
 import random
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -196,20 +198,41 @@ class _BatchStream(IterableDataset):
                 yield batch
 
 
-def _ignore_job_signals(_worker_id: int) -> None:
-    """DataLoader workers stay out of the signals a launcher sends to the trainer's process group.
+def _worker_init(trainer_pid: int, _worker_id: int) -> None:
+    """Set up a DataLoader worker: out of the job's signals, and never outliving its trainer.
 
     torchrun, a terminal's Ctrl-C and SLURM's preemption signals reach the whole process group; a
     worker that dies of SIGTERM makes the trainer fail with "DataLoader worker killed" before it can
     write its preemption checkpoint. A worker gets its own process group (so a group-wide SIGTERM
     passes it by, while the direct SIGTERM with which torch and multiprocessing stop workers still
-    works) and ignores the checkpoint/requeue signals; it exits with the trainer.
+    works) and ignores the checkpoint/requeue signals.
+
+    Its own process group also means that killing the trainer's group (kill -9, a scheduler) does not
+    reach it, and a worker blocked on a full result pipe never notices its parent's death: so the
+    kernel is asked to SIGKILL it when the trainer exits (Linux PR_SET_PDEATHSIG), and it exits at
+    once if the trainer is already gone.
     """
     import signal
 
     os.setpgid(0, 0)
     for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent(trainer_pid)
+
+
+def _die_with_parent(trainer_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    # The trainer may have died between fork and prctl: then nobody will send the signal.
+    if os.getppid() != trainer_pid:
+        try:
+            os.kill(trainer_pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
 
 
 class ShardLoader:
@@ -392,7 +415,11 @@ class ShardLoader:
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 prefetch_factor=self.prefetch_factor,
-                worker_init_fn=_ignore_job_signals,
+                worker_init_fn=functools.partial(_worker_init, os.getpid()),
+                # Starting the workers draws their base seed from this generator; without one it
+                # comes from the global torch RNG, which a resumed trainer has just restored, and
+                # the run would be one draw off (dropout, rng state) from the uninterrupted one.
+                generator=self._worker_seed_generator(),
             )
         for batch in source:
             reader = int(batch.pop("_reader"))
@@ -404,6 +431,12 @@ class ShardLoader:
                 batch["images"] = batch["images"].pin_memory()
                 batch["labels"] = batch["labels"].pin_memory()
             yield batch
+
+    def _worker_seed_generator(self) -> torch.Generator:
+        """The loader's own generator for DataLoader's worker seeds: a function of (seed, rank, position)."""
+        cfg = self._cfg
+        digest = hashlib.sha256(f"workers/{cfg.seed}/{cfg.rank}/{self._batches}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
     # -- resume ---------------------------------------------------------------------------
     def _fingerprint(self) -> str:

@@ -37,7 +37,7 @@ from data.classes import imagenet_wnids
 from runtime.files import atomic_open, atomic_write_json
 from data.shards import MANIFEST_FORMAT, MANIFEST_NAME
 from data.sources import Source, SourceItem, read_item, scan_source
-from data.transforms import _halve_while_large, center_crop_arr
+from data.transforms import ImageTooLarge, _halve_while_large, center_crop_arr, open_image
 
 log = logging.getLogger("data.prepare")
 
@@ -143,7 +143,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _check_image(data: bytes) -> tuple[Image.Image, str]:
-    img = Image.open(io.BytesIO(data))
+    img = open_image(data)  # refuses oversized images before decoding a pixel
     fmt, mode = img.format, img.mode
     if fmt == "JPEG":
         # DCT-domain downscale: still entropy-decodes every byte, so truncation is caught, 4-8x faster.
@@ -153,7 +153,7 @@ def _check_image(data: bytes) -> tuple[Image.Image, str]:
 
 
 def _encode_resized(data: bytes, short_side: int | None, crop: int | None, fmt: str) -> tuple[bytes, str]:
-    img = Image.open(io.BytesIO(data))
+    img = open_image(data)
     img.load()
     img = img.convert("RGB") if img.mode != "RGB" else img
     if crop:
@@ -178,6 +178,10 @@ def _reason(err: Exception) -> str:
     # Stable text (no object addresses), so a rerun writes a byte-identical manifest.
     if isinstance(err, UnidentifiedImageError):
         return "not an image (format not recognised)"
+    if isinstance(err, ImageTooLarge):
+        return str(err)
+    if isinstance(err, Image.DecompressionBombError):
+        return f"image too large ({err})"
     return "not a decodable image: " + re.sub(r" at 0x[0-9a-fA-F]+", "", str(err))
 
 

@@ -69,8 +69,17 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"manifest {path} does not exist: point at a folder made by `adm prepare-imagenet`") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"manifest {path} is not valid JSON ({err}); re-run `adm prepare-imagenet` to rewrite it") from None
-    if manifest.get("format") != MANIFEST_FORMAT or "shards" not in manifest:
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(
+            manifest.get("shards"), list):
         raise ValueError(f"{path} is not a shard manifest written by `adm prepare-imagenet` (format {MANIFEST_FORMAT})")
+    for shard in manifest["shards"]:
+        # A manifest names files of its own folder: nothing else is opened through it.
+        name = shard.get("name") if isinstance(shard, dict) else None
+        if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+                or ":" in name or any(ord(c) < 32 for c in name)):
+            raise ValueError(f"{path} lists a shard named {name!r}: a manifest may only name files in its own folder")
+        if not isinstance(shard.get("count", 0), int):
+            raise ValueError(f"{path}: shard {name} has a non-integer count {shard.get('count')!r}")
     return manifest
 
 

@@ -122,18 +122,48 @@ def _scan_class_folders(src: Path, allow_custom: bool) -> Source:
     return Source(str(src), "class-folders", items, class_list)
 
 
-def _tar_members(handle: BinaryIO, where: str) -> list[tarfile.TarInfo]:
+def _member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member is not taken as a source file, or None when it is (directories: never listed)."""
+    if member.issym() or member.islnk():
+        return f"a {'symbolic' if member.issym() else 'hard'} link (to {member.linkname!r}), not a file"
+    if not member.isfile():
+        return "not a regular file (device, fifo or other special member)"
+    name = member.name
+    if name.startswith("/"):
+        return "an absolute path"
+    parts = name.split("/")
+    if ".." in parts:
+        return "a path with '..' (leaves the archive's folder)"
+    if any(part == "" for part in parts[:-1]) or not parts[-1]:
+        return "an empty path component"
+    if any(ord(c) < 32 for c in name):
+        return "a name with control characters"
+    if _hidden(name):
+        return "a hidden file (a name starting with '.')"
+    return None
+
+
+def _tar_members(handle: BinaryIO, where: str, prefix: str = "") -> tuple[list[tarfile.TarInfo], list[dict[str, str]]]:
+    """The regular-file members of a tar, and every other non-directory member as a `skipped` entry."""
+    files, skipped = [], []
     try:
         with tarfile.open(fileobj=handle, mode="r:") as tar:
-            return [m for m in tar if m.isfile()]
+            for m in tar:
+                if m.isdir():
+                    continue
+                problem = _member_problem(m)
+                if problem is None:
+                    files.append(m)
+                else:
+                    skipped.append({"path": prefix + m.name, "reason": f"tar member skipped: {problem}"})
     except tarfile.ReadError as err:
         raise ValueError(f"{where} is not a readable uncompressed tar ({err}); decompress it or pass a folder") from None
+    return files, skipped
 
 
 def _scan_tar(src: Path, allow_custom: bool, val_labels: dict[str, str] | None) -> Source:
     with open(src, "rb") as handle:
-        members = _tar_members(handle, str(src))
-        visible = [m for m in members if not _hidden(m.name)]
+        visible, skipped = _tar_members(handle, str(src))
         if not visible:
             raise ValueError(f"{src} holds no files: is it the right tar?")
         if val_labels is None and all(m.name.endswith(".tar") for m in visible):
@@ -142,15 +172,17 @@ def _scan_tar(src: Path, allow_custom: bool, val_labels: dict[str, str] | None) 
             class_list = _check_classes(classes, allow_custom, str(src))
             items, empty = [], []
             for outer, cls in sorted(zip(visible, classes), key=lambda x: x[1]):
-                inner = _tar_members(_Window(handle, outer.offset_data, outer.size), f"{src}:{outer.name}")
-                inner = sorted((m for m in inner if not _hidden(m.name)), key=lambda m: m.name)
+                inner, dropped = _tar_members(_Window(handle, outer.offset_data, outer.size), f"{src}:{outer.name}",
+                                              prefix=f"{outer.name}/")
+                skipped += dropped
+                inner = sorted(inner, key=lambda m: m.name)
                 if not inner:
                     empty.append(cls)
                 for m in inner:
                     items.append(SourceItem(f"{outer.name}/{m.name}", cls, m.size, outer.offset_data + m.offset_data))
             if empty:
                 raise _empty_classes_error(empty, str(src))
-            return Source(str(src), "train-tar", items, class_list)
+            return Source(str(src), "train-tar", items, class_list, skipped)
         if val_labels is None and all("/" in m.name for m in visible):
             classes = sorted({m.name.split("/", 1)[0] for m in visible})
             class_list = _check_classes(classes, allow_custom, str(src))
@@ -158,14 +190,16 @@ def _scan_tar(src: Path, allow_custom: bool, val_labels: dict[str, str] | None) 
                 SourceItem(m.name, m.name.split("/", 1)[0], m.size, m.offset_data)
                 for m in sorted(visible, key=lambda m: m.name)
             ]
-            return Source(str(src), "tar-class-folders", items, class_list)
+            return Source(str(src), "tar-class-folders", items, class_list, skipped)
         if val_labels is None:
             raise ValueError(
                 f"unknown layout in {src}: expected a tar of per-class tars (ILSVRC2012_img_train.tar) or "
                 "<class>/<image> members; for flat validation images pass --split val --val-labels FILE"
             )
         entries = [(m.name, m.size, m.offset_data) for m in sorted(visible, key=lambda m: m.name)]
-        return _label_flat(src, "val-tar", entries, val_labels, allow_custom)
+        source = _label_flat(src, "val-tar", entries, val_labels, allow_custom)
+        source.skipped = skipped + source.skipped
+        return source
 
 
 def _label_flat(src: Path, layout: str, entries, labels: dict[str, str], allow_custom: bool) -> Source:

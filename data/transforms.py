@@ -11,14 +11,47 @@ import functools
 import io
 import math
 import random
+import re
+import warnings
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-# Pillow refuses images above ~179 Mpx by default ("decompression bomb"); ImageNet has none, but a
-# custom dataset may, and those are legitimate inputs, so only guard against absurd sizes.
-Image.MAX_IMAGE_PIXELS = 1 << 30
+# A 48 kB PNG can declare 20000x20000 pixels and cost 1.2 GB to decode (per worker). Images above
+# this many pixels are refused before decoding: Pillow's own default bound (about 9459 x 9459, 268 MB
+# as RGB), far above ImageNet's photos (a few megapixels; the largest are tens of megapixels). Pillow's
+# global limit is left as it is; this check is ours and applies to every decoder used here.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+class ImageTooLarge(ValueError):
+    """An image declares more than MAX_IMAGE_PIXELS pixels (refused before it is decoded)."""
+
+
+def _too_large(pixels: int, size: str = "") -> ImageTooLarge:
+    return ImageTooLarge(f"image too large: {size}{pixels:,} pixels, above the limit of {MAX_IMAGE_PIXELS:,} "
+                         "(data.transforms.MAX_IMAGE_PIXELS)")
+
+
+def check_image_size(width: int, height: int) -> None:
+    """Raise ImageTooLarge when `width * height` exceeds MAX_IMAGE_PIXELS."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _too_large(width * height, f"{width}x{height} = ")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """`Image.open` of encoded bytes (lazy: only the header is read), refused when it is too large."""
+    with warnings.catch_warnings():
+        # Pillow warns (or, far above, raises) on its own at open time; one refusal, ours, is enough.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            found = re.search(r"\((\d+) pixels\)", str(err))
+            raise _too_large(int(found.group(1)) if found else MAX_IMAGE_PIXELS + 1) from None
+    check_image_size(*img.size)
+    return img
 
 
 def _halve_while_large(pil_image: Image.Image, short_side: int) -> Image.Image:
@@ -123,8 +156,13 @@ def _decode_simplejpeg(data: bytes) -> Image.Image | None:
     if sj is None or data[:2] != b"\xff\xd8" or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         return None
     try:
-        if sj.decode_jpeg_header(data)[2] not in ("YCbCr", "Gray"):
+        height, width, colorspace, _ = sj.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "Gray"):
             return None
+    except ValueError:
+        return None
+    check_image_size(width, height)
+    try:
         return Image.fromarray(sj.decode_jpeg(data, colorspace="RGB"), "RGB")
     except ValueError:
         return None
@@ -148,6 +186,21 @@ def simplejpeg_matches_pillow() -> bool:
     return True
 
 
+def _read_npy_image(data: bytes) -> np.ndarray:
+    """A uint8 HxWx3 `.npy` image, its header checked (shape, size, data length) before anything is allocated."""
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(buf)
+    if dtype != np.uint8 or len(shape) != 3 or shape[2] != 3 or fortran:
+        raise ValueError(f"an .npy image must be uint8 HxWx3 in C order, got {dtype} {shape}")
+    check_image_size(shape[1], shape[0])
+    if buf.tell() + shape[0] * shape[1] * 3 != len(data):
+        raise ValueError(f"an .npy image of shape {shape} needs {shape[0] * shape[1] * 3} bytes of data, "
+                         f"the sample holds {len(data) - buf.tell()}")
+    return np.frombuffer(data, dtype=np.uint8, offset=buf.tell()).reshape(shape)
+
+
 def decode_image(data: bytes, draft_size: int | None = None, decoder: str = "pil") -> Image.Image:
     """Decode image bytes to an RGB PIL image, fully loaded (so truncated files fail here).
 
@@ -159,15 +212,12 @@ def decode_image(data: bytes, draft_size: int | None = None, decoder: str = "pil
     """
     if data[:6] == b"\x93NUMPY":
         # Pre-resized shards in `npy` format: raw uint8 HxWx3 pixels.
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-            raise ValueError(f"an .npy image must be uint8 HxWx3, got {arr.dtype} {arr.shape}")
-        return Image.fromarray(arr, "RGB")
+        return Image.fromarray(_read_npy_image(data), "RGB")
     if decoder == "simplejpeg" and draft_size is None:
         img = _decode_simplejpeg(data)
         if img is not None:
             return img
-    img = Image.open(io.BytesIO(data))
+    img = open_image(data)
     if draft_size is not None and img.format == "JPEG":
         img.draft("RGB", (draft_size, draft_size))
     img.load()

@@ -45,7 +45,8 @@ class DiffusionConfig:
     ("linear" | "cosine"), `learn_sigma` (the model outputs 2*C channels: eps | v),
     `predict_xstart` (the model predicts x0 instead of eps), `sigma_small` (fixed small instead of
     fixed large variance when sigma is not learned), `use_kl` (train on the variational bound
-    only), `rescale_learned_sigmas` (rescaled MSE / rescaled KL), `timestep_respacing`
+    only, rescaled: vb x T, as the original's flags select whatever `rescale_learned_sigmas` says),
+    `rescale_learned_sigmas` (without `use_kl`: the rescaled hybrid, vb x T/1000), `timestep_respacing`
     ("" | "250" | "10,10,10" | "ddim25").
     """
 
@@ -84,7 +85,8 @@ def create_diffusion(
     betas = get_named_beta_schedule(noise_schedule, int(steps))
     use_timesteps = space_timesteps(int(steps), timestep_respacing or "")
     if use_kl:
-        loss_type = "rescaled_kl" if rescale_learned_sigmas else "kl"
+        # The original's flags never reach its plain KL: use_kl always means the rescaled KL.
+        loss_type = "rescaled_kl"
     elif rescale_learned_sigmas:
         loss_type = "rescaled_mse"
     else:

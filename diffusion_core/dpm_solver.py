@@ -188,7 +188,7 @@ def _check_steps(steps) -> None:
         raise ValueError(f"steps must be an integer >= 1 (the number of model evaluations), got {steps!r}")
 
 
-def _check_arguments(diffusion, shape, noise, steps, order, skip_type, model_kwargs) -> tuple:
+def _check_plan(diffusion, steps, order, skip_type) -> str:
     _check_unspaced(diffusion)
     mean_type = getattr(diffusion, "model_mean_type", "eps")
     if mean_type not in ("eps", "xstart"):
@@ -199,6 +199,11 @@ def _check_arguments(diffusion, shape, noise, steps, order, skip_type, model_kwa
         raise ValueError(f"order must be 1 or 2{hint}, got {order!r}; use order=2 (DPM-Solver++(2M)) for guided sampling")
     if skip_type not in SKIP_TYPES:
         raise ValueError(f"unknown skip_type {skip_type!r}; choose one of {', '.join(SKIP_TYPES)}")
+    return mean_type
+
+
+def _check_arguments(diffusion, shape, noise, steps, order, skip_type, model_kwargs) -> tuple:
+    _check_plan(diffusion, steps, order, skip_type)
     try:
         shape = tuple(int(s) for s in shape)
     except TypeError:
@@ -209,7 +214,7 @@ def _check_arguments(diffusion, shape, noise, steps, order, skip_type, model_kwa
         raise ValueError(f"noise (x_T) has shape {tuple(noise.shape)} but shape is {shape}; pass matching ones")
     if model_kwargs is not None and not isinstance(model_kwargs, dict):
         raise ValueError(f"model_kwargs must be a dict (e.g. {{'y': labels}}) or None, got {type(model_kwargs).__name__}")
-    return shape, mean_type
+    return shape
 
 
 def _loop_device(model, noise, device) -> torch.device:
@@ -248,6 +253,67 @@ def _plan(schedule: ContinuousSchedule, steps: int, order: int, skip_type: str, 
     return evals, updates
 
 
+class DPMSolverPlan:
+    """One DPM-Solver++ run's schedule, checked and computed once, with the two operations of a step.
+
+    `DPMSolverPlan(diffusion, steps, order=2, skip_type="time_uniform", lower_order_final=True,
+    thresholding=False)` (the unspaced diffusion; ValueError naming the fix otherwise). Evaluation k
+    (0 <= k < steps) is `data_prediction(model, x, k, cond_fn, model_kwargs)`: one model call and
+    one cond_fn call at grid point k, returning the (guided, optionally thresholded) x0. Update
+    k (1 <= k <= steps) is `update(x, k, d0, d1)`: the state at grid point k from the state at
+    k - 1, the latest prediction d0 and the one before it d1 (None for a first-order update).
+    `dpm_solver_sample_loop` is these two in turn; callers that split a batch into chunks (the
+    sampling job) run them chunk by chunk. Both work row by row, so a row's result does not depend
+    on the other rows, and neither synchronises with the device.
+    """
+
+    def __init__(self, diffusion, steps: int, order: int = 2, skip_type: str = "time_uniform",
+                 lower_order_final: bool = True, thresholding: bool = False):
+        self.mean_type = _check_plan(diffusion, steps, order, skip_type)
+        self.steps, self.order, self.skip_type = int(steps), int(order), skip_type
+        self.thresholding = bool(thresholding)
+        self.schedule = ContinuousSchedule(diffusion.alphas_cumprod)
+        self.evals, self.updates = _plan(self.schedule, self.steps, self.order, skip_type, bool(lower_order_final))
+
+    def network_times(self) -> list[float]:
+        """The float times (original index scale) of the `steps` evaluations, in order."""
+        return [e[0] for e in self.evals]
+
+    def data_prediction(self, model: Callable, x: torch.Tensor, k: int, cond_fn: Optional[Callable] = None,
+                        model_kwargs: Optional[dict] = None) -> torch.Tensor:
+        """x0 predicted at grid point k (float32 times N t - 1 to the model and cond_fn)."""
+        net_t, alpha, sigma = self.evals[k]
+        model_kwargs = model_kwargs or {}
+        channels = x.shape[1]
+        t = torch.full((x.shape[0],), net_t, dtype=torch.float32, device=x.device)
+        out = model(x, t, **model_kwargs)
+        if out.shape[1] == 2 * channels:
+            out = out[:, :channels]
+        elif out.shape[1] != channels:
+            raise ValueError(
+                f"the model output has {out.shape[1]} channels; expected {channels} (eps or x0) or "
+                f"{2 * channels} (with learned sigma) for inputs of {channels} channels"
+            )
+        out = out.to(x.dtype)
+        gradient = None if cond_fn is None else cond_fn(x, t, **model_kwargs).to(x.dtype)
+        if self.mean_type == "xstart":
+            x0 = out
+            if gradient is not None:
+                # eps - sigma g, written for x0: (x - sigma eps') / alpha = x0 + sigma^2 / alpha g.
+                x0 = x0 + (sigma * sigma / alpha) * gradient
+        else:
+            eps = out if gradient is None else out - sigma * gradient
+            x0 = (x - sigma * eps) / alpha
+        return dynamic_threshold(x0) if self.thresholding else x0
+
+    def update(self, x: torch.Tensor, k: int, d0: torch.Tensor, d1: Optional[torch.Tensor]) -> torch.Tensor:
+        """The state at grid point k (1-based update index) from the state at k - 1."""
+        step_order, c_x, c_d0, c_diff = self.updates[k - 1]
+        if step_order == 2:
+            return c_x * x + c_d0 * d0 + c_diff * (d0 - d1)
+        return c_x * x + c_d0 * d0
+
+
 def dpm_solver_sample_loop(
     diffusion,
     model: Callable,
@@ -282,10 +348,8 @@ def dpm_solver_sample_loop(
       `thresholding` applies dynamic thresholding (0.995 quantile) to each predicted x0.
     The result is not clipped. Arguments are checked once here (ValueError naming the fix).
     """
-    shape, mean_type = _check_arguments(diffusion, shape, noise, steps, order, skip_type, model_kwargs)
-    model_kwargs = model_kwargs or {}
-    schedule = ContinuousSchedule(diffusion.alphas_cumprod)
-    evals, updates = _plan(schedule, int(steps), int(order), skip_type, bool(lower_order_final))
+    shape = _check_arguments(diffusion, shape, noise, steps, order, skip_type, model_kwargs)
+    plan = DPMSolverPlan(diffusion, steps, order, skip_type, lower_order_final, thresholding)
 
     device = _loop_device(model, noise, device)
     if noise is not None:
@@ -294,45 +358,17 @@ def dpm_solver_sample_loop(
         x = step_noise(torch.empty(shape, device=device))
     else:
         x = torch.randn(*shape, device=device)
-    channels = shape[1]
 
-    def data_prediction(x: torch.Tensor, k: int) -> torch.Tensor:
-        net_t, alpha, sigma = evals[k]
-        t = torch.full((shape[0],), net_t, dtype=torch.float32, device=x.device)
-        out = model(x, t, **model_kwargs)
-        if out.shape[1] == 2 * channels:
-            out = out[:, :channels]
-        elif out.shape[1] != channels:
-            raise ValueError(
-                f"the model output has {out.shape[1]} channels; expected {channels} (eps or x0) or "
-                f"{2 * channels} (with learned sigma) for inputs of {channels} channels"
-            )
-        out = out.to(x.dtype)
-        gradient = None if cond_fn is None else cond_fn(x, t, **model_kwargs).to(x.dtype)
-        if mean_type == "xstart":
-            x0 = out
-            if gradient is not None:
-                # eps - sigma g, written for x0: (x - sigma eps') / alpha = x0 + sigma^2 / alpha g.
-                x0 = x0 + (sigma * sigma / alpha) * gradient
-        else:
-            eps = out if gradient is None else out - sigma * gradient
-            x0 = (x - sigma * eps) / alpha
-        return dynamic_threshold(x0) if thresholding else x0
-
-    indices = range(1, int(steps) + 1)
+    indices = range(1, plan.steps + 1)
     if progress:
         from tqdm.auto import tqdm
 
         indices = tqdm(indices)
     with torch.no_grad():
-        d0 = data_prediction(x, 0)
+        d0 = plan.data_prediction(model, x, 0, cond_fn, model_kwargs)
         d1 = None
         for k in indices:
-            step_order, c_x, c_d0, c_diff = updates[k - 1]
-            if step_order == 2:
-                x = c_x * x + c_d0 * d0 + c_diff * (d0 - d1)
-            else:
-                x = c_x * x + c_d0 * d0
-            if k < steps:
-                d1, d0 = d0, data_prediction(x, k)
+            x = plan.update(x, k, d0, d1)
+            if k < plan.steps:
+                d1, d0 = d0, plan.data_prediction(model, x, k, cond_fn, model_kwargs)
     return x

@@ -38,6 +38,9 @@ class GuidanceSchedule:
             raise ValueError(f"unknown guidance schedule kind {self.kind!r}; choose one of {SCHEDULE_KINDS}")
         if self.num_timesteps < 1:
             raise ValueError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
+        _finite(self.start, "guidance schedule start")
+        if self.end is not None:
+            _finite(self.end, "guidance schedule end")
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         start = float(self.start)
@@ -89,6 +92,9 @@ class GuidanceInterval:
             )
         if self.outside is not None and (isinstance(self.outside, bool) or not isinstance(self.outside, (int, float))):
             raise ValueError(f"GuidanceInterval.outside must be a number or None, got {self.outside!r}")
+        for value in (self.scale, self.outside):
+            if isinstance(value, (int, float)):
+                _finite(value, "guidance scale")
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t)
@@ -106,6 +112,13 @@ class GuidanceInterval:
 
 
 ScaleLike = Union[float, int, str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _finite(value, what: str) -> float:
+    # A NaN scale turns every sample into NaN, written as black pixels: refuse it where it is given.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
 
 _SCALE_SYNTAX = (
     "use a number ('2.5'), 'constant:S', 'linear:START:END' or 'cosine:START:END' (START at the noisiest "
@@ -128,15 +141,17 @@ def parse_guidance_scale(value: ScaleLike, num_timesteps: int = 1000):
     if isinstance(value, bool):
         raise ValueError(f"guidance scale must be a number or a schedule string, got {value!r}")
     if isinstance(value, (int, float)):
-        return float(value)
+        return _finite(value, "guidance scale")
     if isinstance(value, str):
         text = value.strip()
         if "@" in text:
             return _parse_interval(value, text, num_timesteps)
         try:
-            return float(text)
+            number = float(text)
         except ValueError:
             pass
+        else:
+            return _finite(number, "guidance scale")
         parts = text.split(":")
         if parts[0] in SCHEDULE_KINDS:
             try:
@@ -184,10 +199,16 @@ def _check_labels(y, batch: int, num_classes: int, who: str) -> torch.Tensor:
     y = y.reshape(-1)
     if y.shape[0] != batch:
         raise ValueError(f"{who}: got {y.shape[0]} labels for a batch of {batch}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(
-            f"{who}: labels must lie in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
-        )
+    if y.numel():
+        # An asynchronous device assert, not int(y.min()): this runs at every step, and reading a
+        # value back would make the host wait for the device each time. On a CPU it fails at once;
+        # on a GPU as a device-side assert (the sampling job validates its labels before the loop).
+        try:
+            torch._assert_async(((y >= 0) & (y < num_classes)).all(), f"{who}: a label is outside [0, {num_classes})")
+        except RuntimeError:
+            raise ValueError(
+                f"{who}: labels must lie in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
+            ) from None
     return y.long()
 
 

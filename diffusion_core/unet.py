@@ -405,14 +405,17 @@ class UNetModel(_Encoder):
         if y.shape != (batch,) or y.dtype.is_floating_point or y.dtype == torch.bool:
             raise ValueError(f"labels y must be an integer tensor of shape [{batch}], got {y.dtype} {tuple(y.shape)}")
         limit = cfg.num_classes + int(cfg.null_class)
-        # Only CPU labels are checked on the host: reading CUDA labels back would synchronise every
-        # step (out-of-range labels on a GPU still fail, in the embedding's device-side assert).
-        if y.device.type == "cpu" and batch and not _is_tracing() and not is_fake(y):
-            lo, hi = (int(v) for v in torch.aminmax(y))
-            if lo < 0 or hi >= limit:
+        # An asynchronous assert, never a read-back: reading labels back would make the host wait
+        # for the device at every step. It fails at once on a CPU (reported with the value below)
+        # and as a device-side assert on a GPU.
+        if batch and not _is_tracing() and not is_fake(y):
+            try:
+                torch._assert_async(((y >= 0) & (y < limit)).all(), "label out of range")
+            except RuntimeError:
+                lo, hi = (int(v) for v in torch.aminmax(y))
                 bad = lo if lo < 0 else hi
                 extra = f" (index {cfg.num_classes} is the null label)" if cfg.null_class else ""
-                raise ValueError(f"label {bad} out of range: labels must be in [0, {limit}){extra}")
+                raise ValueError(f"label {bad} out of range: labels must be in [0, {limit}){extra}") from None
         return y
 
     def _upsample_low_res(self, low_res: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.files import atomic_torch_save
+from runtime.safe_load import load_torch_file
 
 FORMAT = "adm-domain-classifier/1"
 
@@ -109,14 +110,18 @@ def load_domain_classifier(path: str | os.PathLike, device="cpu") -> DomainClass
     if not path.is_file():
         raise FileNotFoundError(f"domain classifier {path} does not exist; train one with "
                                 f"`adm evaluate --train-classifier SHARDS --out FILE` (docs/evaluation.md)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = load_torch_file(path, "domain classifier")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a domain classifier file (format {FORMAT}); train one with "
                          f"train_domain_classifier")
-    config = dict(blob["config"])
-    config["widths"] = tuple(config["widths"])
-    model = DomainClassifier(DomainClassifierConfig(**config))
-    model.load_state_dict(blob["state_dict"], strict=True)
+    try:
+        config = dict(blob["config"])
+        config["widths"] = tuple(config["widths"])
+        model = DomainClassifier(DomainClassifierConfig(**config))
+        model.load_state_dict(blob["state_dict"], strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is a damaged domain classifier file ({first})") from None
     model.extra = dict(blob.get("extra", {}))
     return model.to(device).eval()
 

@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 
 from runtime.files import atomic_write_json
+from runtime.npz import check_crc_runs
 from evaluation import io as eio
 from evaluation.features import FeatureNetwork, load_feature_network
-from evaluation.metrics import FeatureStats, ScoreSums, frechet_distance, precision_recall
+from evaluation.metrics import FeatureStats, ScoreSums, frechet_distance, near_constant, precision_recall
 
 METRICS_FORMAT = "adm-metrics/1"
 METRIC_NAMES = ("inception_score", "fid", "sfid", "precision", "recall", "class_accuracy")
@@ -98,6 +99,7 @@ class _Pass:
         k = net.num_classes or 1
         self.correct = torch.zeros(k, dtype=torch.float64, device=dev)
         self.total = torch.zeros(k, dtype=torch.float64, device=dev)
+        self.hit_rows: list[torch.Tensor] = []  # per-sample 0/1, for standard errors
 
     def add(self, feats, start: int) -> None:
         self.pool_rows.append(feats.pool.float())
@@ -111,6 +113,13 @@ class _Pass:
             hit = (feats.logits.argmax(1) == y).double()
             self.correct.index_add_(0, y, hit)
             self.total.index_add_(0, y, torch.ones_like(hit))
+            self.hit_rows.append(hit[:, None])
+
+    def local_hits(self) -> torch.Tensor:
+        """This rank's per-sample hits (1: the feature network agrees with the label) as [n, 1]."""
+        if not self.hit_rows:
+            return torch.zeros(0, 1, dtype=torch.float64, device=self.correct.device)
+        return torch.cat(self.hit_rows)
 
     def local_pool(self) -> torch.Tensor:
         """This rank's pool features (possibly none when there are more ranks than images)."""
@@ -124,6 +133,31 @@ class _Pass:
             if s is not None:
                 tensors += s.tensors()
         _all_reduce(tensors)
+
+
+def _check_integrity(path, crc_info: tuple, rank: int) -> None:
+    """The zip CRC of the images member, from every rank's contiguous run (no second read), else one
+    streaming pass on rank 0; ValueError on every rank when the file is corrupt."""
+    run, size, expected = crc_info
+    runs = [run]
+    if _distributed():
+        runs = [None] * dist.get_world_size()
+        dist.all_gather_object(runs, run)
+    if check_crc_runs(runs, size, expected, f"{path}:arr_0"):
+        return
+    problem = None
+    if rank == 0:
+        try:
+            with eio.open_images(path) as images:
+                images.verify()
+        except ValueError as err:
+            problem = str(err)
+    if _distributed():
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise ValueError(problem)
 
 
 def _extract(net: FeatureNetwork, path, key_labels: np.ndarray | None, stats: bool, batch_size: int,
@@ -140,6 +174,8 @@ def _extract(net: FeatureNetwork, path, key_labels: np.ndarray | None, stats: bo
         if bar is not None:
             bar.close()
         shape = tuple(images.shape)
+        crc_info = (images.crc_run(), images.member_size, images.member_crc)
+    _check_integrity(path, crc_info, rank)
     acc.reduce()
     return acc, n, shape
 
@@ -165,7 +201,8 @@ def _sample_options(sample_path: Path) -> dict | None:
 def evaluate(reference, samples, features: str | FeatureNetwork = "inception", *, inception_weights=None,
              out_dir=None, batch_size: int = 100, k: int = 3, fp16_pr: bool = True, fid_method: str = "sqrtm",
              split_size: int = 5000, use_stored_stats: bool = True, device=None,
-             print_fn: Callable[[str], None] | None = print, progress: bool = True) -> dict | None:
+             print_fn: Callable[[str], None] | None = print, progress: bool = True,
+             standard_errors: int = 0) -> dict | None:
     """Evaluate a sample file against a reference batch; returns the metrics record (every rank).
 
     `features`: "inception" (the paper's network; weights via `inception_weights`, env or hub cache),
@@ -173,7 +210,9 @@ def evaluate(reference, samples, features: str | FeatureNetwork = "inception", *
     Reference statistics stored in the file (`mu, sigma, mu_s, sigma_s`) are used for Inception
     features unless `use_stored_stats=False`; otherwise they are computed from its images.
     `class_accuracy` is reported when the samples carry labels and the network predicts the dataset's
-    classes. Distributed: the caller sets up the process group (`runtime.distributed.setup()`, as
+    classes. `standard_errors` S > 0 adds `standard_errors` (FID, precision, recall, class accuracy)
+    and the per-half values `half_samples` from S random halves of the samples
+    (evaluation.standard_errors: delete-half jackknife, reference held fixed). Distributed: the caller sets up the process group (`runtime.distributed.setup()`, as
     `adm evaluate` does) and calls this on every rank; each rank then reads its own rows.
     """
     t0 = time.perf_counter()
@@ -203,9 +242,18 @@ def evaluate(reference, samples, features: str | FeatureNetwork = "inception", *
                                      "samples" if progress else None)
         ref_pool = _gather_rows(ref.local_pool(), n_ref, world, rank)
         sam_pool = _gather_rows(sam.local_pool(), n_samples, world, rank)
+        hits = None
+        if standard_errors and sam.labels is not None:
+            hits = _gather_rows(sam.local_hits(), n_samples, world, rank)
         record = None
         if rank == 0:
             record = _finish(net, ref, sam, stored, ref_pool, sam_pool, k, fp16_pr, fid_method, device)
+            if standard_errors:
+                from evaluation.standard_errors import half_sample_errors
+
+                mu_r, sigma_r = (stored["mu"], stored["sigma"]) if stored is not None else ref.pool_stats.mean_cov()
+                record.update(half_sample_errors(ref_pool, sam_pool, mu_r, sigma_r, hits, subsets=standard_errors,
+                                                 k=k, fp16=fp16_pr, fid_method=fid_method, device=device))
             record.update({
                 "format": METRICS_FORMAT, "reference": str(reference.resolve()), "samples": str(samples.resolve()),
                 "num_reference": n_ref, "num_samples": n_samples, "image_size": int(sam_shape[1]),
@@ -224,7 +272,9 @@ def evaluate(reference, samples, features: str | FeatureNetwork = "inception", *
             if out_dir is not None:
                 atomic_write_json(Path(out_dir) / "metrics.json", record)
             if print_fn:
-                print_fn(format_metrics(record["metrics"]))
+                print_fn(format_metrics(record["metrics"], record.get("standard_errors")))
+                for warning in record["warnings"]:
+                    print_fn(f"WARNING: {warning}")
     if _distributed():
         box = [record]
         dist.broadcast_object_list(box, src=0)
@@ -250,8 +300,12 @@ def _finish(net, ref: _Pass, sam: _Pass, stored, ref_pool, sam_pool, k, fp16_pr,
             ref_spatial = None
         if ref_spatial is not None:
             metrics["sfid"] = frechet_distance(*sam.spatial_stats.mean_cov(), *ref_spatial, method=fid_method)
-    metrics["precision"], metrics["recall"] = precision_recall(ref_pool, sam_pool, k=k, fp16=fp16_pr, device=device)
+    radii: dict = {}
+    metrics["precision"], metrics["recall"] = precision_recall(ref_pool, sam_pool, k=k, fp16=fp16_pr, device=device,
+                                                               details=radii)
     record: dict = {"metrics": metrics}
+    record["warnings"] = degeneracy_warnings((mu_r, sigma_r), (mu_s, sigma_s), radii, metrics["inception_score"])
+    record["degenerate_features"] = any(w.startswith("degenerate features") for w in record["warnings"])
     if sam.labels is not None:
         total = float(sam.total.sum())
         metrics["class_accuracy"] = float(sam.correct.sum()) / total if total else None
@@ -260,13 +314,39 @@ def _finish(net, ref: _Pass, sam: _Pass, stored, ref_pool, sam_pool, k, fp16_pr,
     return record
 
 
-def format_metrics(metrics: dict) -> str:
-    """The lines ADM's evaluator prints (plus class accuracy when present)."""
+def degeneracy_warnings(reference: tuple, samples: tuple, radii: dict, inception_score: float | None) -> list[str]:
+    """Why the numbers may mean nothing: features that do not vary (a feature network that ignores its
+    input, e.g. a barely trained domain classifier), k-NN balls of radius 0, class predictions that do
+    not depend on the image. Messages naming the feature network start with "degenerate features"."""
+    out = []
+    if near_constant(*reference):
+        out.append("degenerate features: the feature network gives (nearly) the same features for every reference "
+                   "image, so FID is ~0 whatever the samples are; FID, sFID, precision and recall mean nothing here "
+                   "(an untrained or broken feature network?)")
+    elif near_constant(*samples):
+        out.append("the samples' features are (nearly) constant: the samples are (nearly) identical images")
+    share = radii.get("zero_radius_reference", 0.0)
+    if share > 0.5:
+        out.append(f"degenerate features: {share:.0%} of the reference points have a k-NN radius of 0 (the feature "
+                   "network maps different images to the same point), so precision and recall mean nothing here")
+    share = radii.get("zero_radius_samples", 0.0)
+    if share > 0.5:
+        out.append(f"{share:.0%} of the sample points have a k-NN radius of 0: duplicate samples, or a feature "
+                   "network that maps different images to the same point")
+    if inception_score is not None and inception_score < 1.0 + 1e-4:
+        out.append(f"the class probabilities are the same for every sample (Inception Score {inception_score:.4g}): "
+                   "identical samples, or a feature network that ignores its input")
+    return out
+
+
+def format_metrics(metrics: dict, errors: dict | None = None) -> str:
+    """The lines ADM's evaluator prints (plus class accuracy when present, and standard errors when given)."""
     names = [("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"),
              ("precision", "Precision"), ("recall", "Recall"), ("class_accuracy", "Class accuracy")]
     lines = []
     for key, label in names:
         value = metrics.get(key)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            lines.append(f"{label}: {value}")
+            se = (errors or {}).get(key)
+            lines.append(f"{label}: {value}" + (f" (standard error {se:.4g})" if se is not None else ""))
     return "\n".join(lines)

@@ -289,15 +289,27 @@ def manifold_radii(features: torch.Tensor, k: int = 3, fp16: bool = True,
     return radii
 
 
+def near_constant(mu, sigma, tolerance: float = 1e-3) -> bool:
+    """Whether features of mean `mu` and covariance `sigma` barely vary: their spread sqrt(tr sigma) is
+    below `tolerance` times their size sqrt(|mu|^2 + tr sigma) (or exactly zero). FID between such
+    features is ~0 whatever the images are: the feature network does not see them."""
+    mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
+    spread = max(float(np.trace(sigma)), 0.0)
+    size = float(mu @ mu) + spread
+    return spread == 0.0 or spread <= tolerance ** 2 * size
+
+
 def precision_recall(ref_features, sample_features, k: int = 3, fp16: bool = True,
-                     block_size: int = 10000, device=None) -> tuple[float, float]:
+                     block_size: int = 10000, device=None, details: dict | None = None) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) as ADM computes them.
 
     Precision: share of samples within the k-NN ball of at least one reference point; recall: share
     of reference points within the ball of at least one sample (inclusive `<=`, squared distances).
     `fp16=True` (default) emulates ADM's float16 distance blocks (the numbers move at the 1e-3 level
     otherwise); `fp16=False` computes exactly in float32. Runs on CUDA when available unless
-    `device` says otherwise; memory is a few blocks of block_size^2 floats.
+    `device` says otherwise; memory is a few blocks of block_size^2 floats. A `details` dict receives
+    `zero_radius_reference` / `zero_radius_samples`: the share of points whose k-NN radius is 0 (their
+    balls hold only duplicates: precision and recall then say nothing about the distributions).
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -313,6 +325,9 @@ def precision_recall(ref_features, sample_features, k: int = 3, fp16: bool = Tru
             raise ValueError(f"precision/recall with k={k} needs more than {k} {name} points, got {t.shape[0]}")
     radii_ref = manifold_radii(ref, k, fp16, block_size)
     radii_sam = manifold_radii(sam, k, fp16, block_size)
+    if details is not None:
+        details["zero_radius_reference"] = float((radii_ref <= 0).double().mean())
+        details["zero_radius_samples"] = float((radii_sam <= 0).double().mean())
     sample_in_ref = torch.zeros(sam.shape[0], dtype=torch.bool, device=device)
     ref_in_sample = torch.zeros(ref.shape[0], dtype=torch.bool, device=device)
     # Rows are reference points and columns samples, the orientation of ADM's blocks (fp16 rounding

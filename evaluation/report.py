@@ -3,7 +3,10 @@
 `build_report(inputs, out_dir)` is the library call (the demo uses it); `adm report` is its CLI.
 Inputs are `metrics.json` files or folders searched for them (a sweep folder holding one evaluated
 run per guidance scale, several runs to compare). Runs that differ only in their guidance scale form
-a sweep: FID / IS / precision / recall / class accuracy are plotted against the scale.
+a sweep: FID / IS / precision / recall / class accuracy are plotted against the scale. Runs that
+differ in their sampler or number of steps form a steps sweep (evaluation.steps_report): the
+metrics with their standard errors against network evaluations. The HTML page is laid out for a
+browser window of 1300 px and less (plots wrap into rows; wide tables scroll inside their box).
 """
 from __future__ import annotations
 
@@ -131,8 +134,13 @@ def plot_sweep(sweep: dict) -> bytes:
     runs = sweep["runs"]
     scales = [float(r["options"][sweep["scale_key"]]) for r in runs]
     present = [(k, name) for k, name in COLUMNS if any(r["metrics"].get(k) is not None for r in runs)]
-    fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 3.0), squeeze=False)
-    for ax, (key, name) in zip(axes[0], present):
+    # At most three panels a row: five in one row made a 1,760 px image that a 1,300 px window cut off.
+    cols = min(3, len(present))
+    rows = -(-len(present) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat[len(present):]:
+        ax.set_visible(False)
+    for ax, (key, name) in zip(axes.flat, present):
         values = [r["metrics"].get(key) for r in runs]
         xs = [s for s, v in zip(scales, values) if v is not None]
         ys = [v for v in values if v is not None]
@@ -174,15 +182,41 @@ def class_grid(sample_path: str | os.PathLike, max_classes: int = 10, per_class:
     return grid
 
 
-def _encode_png(image: np.ndarray, min_height: int = 0) -> bytes:
-    """PNG bytes; small images are enlarged by an integer factor (nearest) to at least min_height."""
-    from PIL import Image
+def grid_row_names(sample_path: str | os.PathLike, max_classes: int = 10) -> list[str] | None:
+    """The names of class_grid's rows ("class 3", ...), or None for a file without labels."""
+    from evaluation import io as eio
+
+    path = Path(sample_path)
+    if not path.is_file():
+        return None
+    with eio.open_images(path) as images:
+        labels = eio.read_labels(path, len(images))
+    if labels is None:
+        return None
+    return [f"class {c}" for c in sorted(set(labels.tolist()))[:max_classes]]
+
+
+def _encode_png(image: np.ndarray, min_height: int = 0, row_names: Sequence[str] | None = None) -> bytes:
+    """PNG bytes; small images are enlarged by an integer factor (nearest) to at least min_height.
+    With `row_names` (one per grid row of equal height) each name is written in a margin at the left."""
+    from PIL import Image, ImageDraw, ImageFont
 
     factor = max(1, -(-min_height // image.shape[0])) if min_height else 1
     if factor > 1:
         image = image.repeat(factor, axis=0).repeat(factor, axis=1)
+    picture = Image.fromarray(image)
+    if row_names:
+        row = image.shape[0] / len(row_names)
+        font = ImageFont.load_default(size=int(min(24, max(11, row * 0.45))))
+        margin = int(max(font.getlength(n) for n in row_names)) + 12
+        labelled = Image.new("RGB", (margin + picture.width, picture.height), "white")
+        labelled.paste(picture, (margin, 0))
+        draw = ImageDraw.Draw(labelled)
+        for r, name in enumerate(row_names):
+            draw.text((6, (r + 0.5) * row), name, fill="black", font=font, anchor="lm")
+        picture = labelled
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    picture.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -212,7 +246,9 @@ def build_report(inputs: Sequence[str | os.PathLike | dict], out_dir: str | os.P
     written by adm evaluate). Returns the report.json content: `runs` (label, metrics, options,
     image_size, features), `paper` (published numbers at the runs' resolutions), `guidance_sweep`
     (the first sweep's points `{scale, class_accuracy, fid, precision, recall}`, sorted by scale,
-    or [] without a sweep) and `guidance_sweeps` (every sweep, labelled).
+    or [] without a sweep), `guidance_sweeps` (every sweep, labelled) and `steps_sweeps` (runs that
+    differ in sampler / steps: `{label, reference, points, figure}`, points from
+    evaluation.steps_report.steps_points, with standard errors and paired differences).
     """
     out = Path(out_dir)
     runs = []
@@ -228,30 +264,46 @@ def build_report(inputs: Sequence[str | os.PathLike | dict], out_dir: str | os.P
     if not runs:
         raise ValueError("nothing to report: give metrics.json files or folders holding them")
     _unique_labels(runs)
-    sweeps = find_sweeps(runs)
+    from evaluation import steps_report
+
+    steps_sweeps = steps_report.find_steps_sweeps(runs, ignore=RUN_SPECIFIC_OPTIONS)
+    in_steps = {id(r) for s in steps_sweeps for r in s["runs"]}
+    # A steps sweep at two scales also looks like one two-scale guidance sweep per sampler: shown once.
+    sweeps = [s for s in find_sweeps(runs) if not all(id(r) in in_steps for r in s["runs"])]
     figures: list[tuple[str, str]] = []   # (file name, caption)
     for i, sweep in enumerate(sweeps):
         name = f"sweep_{i}.png"
         atomic_write_bytes(out / name, plot_sweep(sweep))
         figures.append((name, f"Metrics against {sweep['label']}"))
+    steps_summaries = []
+    for i, sweep in enumerate(steps_sweeps):
+        points = steps_report.steps_points(sweep)
+        name = f"steps_{i}.png"
+        atomic_write_bytes(out / name, steps_report.plot(points))
+        steps_summaries.append({"label": sweep["label"], "reference": steps_report.reference_sampler(points),
+                                "points": points, "figure": name})
     grids: list[tuple[str, str]] = []
     for i, run in enumerate(runs):
         grid = class_grid(run["samples"], grid_classes, grid_per_class) if run.get("samples") else None
         if grid is not None:
             name = f"grid_{i}.png"
             # 32 px digits are unreadable at their size: enlarge grids of small images (pixels kept sharp).
-            atomic_write_bytes(out / name, _encode_png(grid, min_height=400))
-            grids.append((name, run["label"]))
+            names = grid_row_names(run["samples"], grid_classes)
+            atomic_write_bytes(out / name, _encode_png(grid, min_height=400, row_names=names))
+            what = "one row per class (named at the left)" if names else "samples in index order"
+            grids.append((name, f"{run['label']}: {what}"))
     paper = _paper_rows(runs)
     summary = {
         "title": title,
         "runs": [{"label": r["label"], "path": r["path"], "metrics": r["metrics"], "options": r["options"],
                   "image_size": r.get("image_size"), "features": r.get("features"),
-                  "num_samples": r.get("num_samples")} for r in runs],
+                  "num_samples": r.get("num_samples"), "warnings": _warnings(r),
+                  "degenerate_features": bool(r.get("degenerate_features"))} for r in runs],
         "paper": paper,
         "guidance_sweep": sweep_points(sweeps[0]) if sweeps else [],
         "guidance_sweeps": [{"label": s["label"], "scale_key": s["scale_key"], "points": sweep_points(s)}
                             for s in sweeps],
+        "steps_sweeps": steps_summaries,
     }
     atomic_write_text(out / "report.md", _markdown(summary, runs, figures, grids))
     atomic_write_text(out / "report.html", _html(summary, runs, figures, grids))
@@ -270,12 +322,40 @@ def _unique_labels(runs: list[dict]) -> None:
             seen[base] = 1
 
 
+DEGENERATE_MARK = "⚠ degenerate features"
+WARNING_MARK = "⚠"
+
+
+def _warnings(run: dict) -> list[str]:
+    found = run.get("warnings")
+    return [str(w) for w in found] if isinstance(found, list) else []
+
+
+def _label_cell(run: dict) -> str:
+    """The run's label, marked when the evaluator warned that its numbers may mean nothing."""
+    if run.get("degenerate_features"):
+        return f"{run['label']} {DEGENERATE_MARK}"
+    return f"{run['label']} {WARNING_MARK}" if _warnings(run) else run["label"]
+
+
+def _warning_lines(runs: list[dict]) -> list[str]:
+    return [f"{r['label']}: {w}" for r in runs for w in _warnings(r)]
+
+
 def _table_rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     shown = [(k, n) for k, n in COLUMNS if any(r["metrics"].get(k) is not None for r in runs)]
     header = ["Run", "Features", "N", "Guidance"] + [n for _, n in shown]
-    rows = [[r["label"], str(r.get("features") or "–"), _fmt(r.get("num_samples")), _scale_of(r)]
+    rows = [[_label_cell(r), _features_name(r.get("features")), _fmt(r.get("num_samples")), _scale_of(r)]
             + [_fmt(r["metrics"].get(k)) for k, _ in shown] for r in runs]
     return header, rows
+
+
+def _features_name(features) -> str:
+    """"classifier:/long/path/domain.pt" -> "classifier:domain.pt": the folder only widens the table."""
+    if not features:
+        return "–"
+    kind, sep, path = str(features).partition(":")
+    return f"{kind}:{Path(path).name}" if sep else kind
 
 
 def _paper_table(paper: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -301,6 +381,9 @@ def _comparability_note(runs: list[dict], paper: list[dict]) -> str:
 
 def _markdown(summary: dict, runs, figures, grids) -> str:
     parts = [f"# {summary['title']}", "", "## Metrics", "", _md_table(*_table_rows(runs)), ""]
+    if _warning_lines(runs):
+        parts += ["## Warnings", "", "The evaluator flagged these runs; their numbers may mean nothing:", ""]
+        parts += [f"- {line}" for line in _warning_lines(runs)] + [""]
     if summary["paper"]:
         parts += ["## Published numbers", "", _md_table(*_paper_table(summary["paper"])), ""]
     parts += [_comparability_note(runs, summary["paper"]), ""]
@@ -311,26 +394,47 @@ def _markdown(summary: dict, runs, figures, grids) -> str:
                               _fmt(p["class_accuracy"])] for p in s["points"]]), ""]
     for name, caption in figures:
         parts += [f"![{caption}]({name})", ""]
+    for s in summary["steps_sweeps"]:
+        parts += ["## Quality against network evaluations", "", _STEPS_NOTE.format(ref=s["reference"]), "",
+                  _md_table(*steps_report_table(s["points"])), "", f"![{s['label']}]({s['figure']})", ""]
     if grids:
         parts += ["## Samples per class", "", "| " + " | ".join(c for _, c in grids) + " |",
                   "|" + "---|" * len(grids), "| " + " | ".join(f"![{c}]({n})" for n, c in grids) + " |", ""]
     return "\n".join(parts)
 
 
+_STEPS_NOTE = ("Each run's metrics ± one standard error (delete-half jackknife over its samples, binomial for "
+               "class accuracy; `adm evaluate --standard-errors`). Δ: the difference to {ref} ± the paired "
+               "standard error (every sampler draws the same x_T and label for a sample index).")
+
+
+def steps_report_table(points: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The steps sweep's table (header, rows); see evaluation.steps_report.table."""
+    from evaluation import steps_report
+
+    return steps_report.table(points)
+
+
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # A table wider than the window scrolls inside its box instead of widening the page.
+    return f"<div class='wide'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def _html(summary: dict, runs, figures, grids) -> str:
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child"
-             "{text-align:left}.grids{display:flex;flex-wrap:wrap;gap:1.5em}figure{margin:0}"
-             "img.grid{image-rendering:pixelated;min-width:256px}")
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}"
+             "td:first-child,th:first-child{text-align:left}.wide{overflow-x:auto;max-width:100%}"
+             ".grids{display:flex;flex-wrap:wrap;gap:1.5em}figure{margin:0 0 1em 0;max-width:100%}"
+             # Three grids a row in the 1200 px body; each scaled to its box, its pixels kept sharp.
+             "img{max-width:100%;height:auto}.grids figure{width:370px}img.grid{image-rendering:pixelated;width:100%}")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(summary['title'])}</title>"
              f"<style>{style}</style></head><body><h1>{html.escape(summary['title'])}</h1>",
              "<h2>Metrics</h2>", _html_table(*_table_rows(runs))]
+    if _warning_lines(runs):
+        parts += ["<h2>Warnings</h2><p>The evaluator flagged these runs; their numbers may mean nothing:</p><ul>"]
+        parts += [f"<li>{html.escape(line)}</li>" for line in _warning_lines(runs)] + ["</ul>"]
     if summary["paper"]:
         parts += ["<h2>Published numbers</h2>", _html_table(*_paper_table(summary["paper"]))]
     parts.append(f"<p>{html.escape(_comparability_note(runs, summary['paper']))}</p>")
@@ -342,6 +446,12 @@ def _html(summary: dict, runs, figures, grids) -> str:
     for name, caption in figures:
         parts.append(f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption)}'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    for s in summary["steps_sweeps"]:
+        parts += ["<h2>Quality against network evaluations</h2>",
+                  f"<p>{html.escape(_STEPS_NOTE.format(ref=s['reference']))}</p>",
+                  _html_table(*steps_report_table(s["points"])),
+                  f"<figure><img src='{html.escape(s['figure'])}' alt='{html.escape(s['label'])}'>"
+                  f"<figcaption>{html.escape(s['label'])}</figcaption></figure>"]
     if grids:
         parts.append("<h2>Samples per class</h2><div class='grids'>")
         parts += [f"<figure><img class='grid' src='{html.escape(n)}' alt='{html.escape(c)}'>"

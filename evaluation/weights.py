@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from runtime.files import file_sha256
+from runtime.safe_load import load_torch_file
 from evaluation.inception import FIDInception
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -65,7 +66,7 @@ def load_fid_inception(path: str | os.PathLike | None = None, device="cpu",
                        check_hash: bool = True) -> FIDInception:
     """Build `FIDInception` and load the released weights strictly (every one of the 472 tensors)."""
     file = resolve_inception_weights(path, check_hash=check_hash)
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = load_torch_file(file, "Inception weights file")
     model = FIDInception()
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

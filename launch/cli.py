@@ -98,12 +98,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adm: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2
     parser, module = build_parser(name)
-    args = parser.parse_args(argv[1:])
+    try:
+        args = parser.parse_args(argv[1:])
+    except SystemExit as stop:  # argparse has printed the usage and its one-line error (or the help)
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         code = module.run(args)
-    except (ValueError, FileNotFoundError) as err:
-        # User errors: one clear line, no traceback.
-        print(f"adm {name}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        # Inputs a user can get wrong (or be handed): one clear line, no traceback.
+        print(f"adm {name}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"adm {name}: error: out of memory (an input declares more data than this machine holds, "
+              "or the batch size is too large)", file=sys.stderr)
         return 2
     except Exception as err:
         from runtime.distributed import describe_failure
@@ -113,6 +120,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"adm {name}: {note}", file=sys.stderr, flush=True)
         raise
     return int(code or 0)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    import pickle
+    import zipfile
+
+    # ValueError covers json/toml/unicode decoding; the OSErrors are paths that are missing or not
+    # ours to write; pickle and zip errors come from damaged files that slipped past a loader's checks.
+    return (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+            pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+USER_ERRORS = _user_errors()
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, (ValueError, OSError)):
+        return text  # our own messages (a usage line may follow on purpose)
+    return f"unreadable or unsafe file: {text.splitlines()[0]}"
 
 
 if __name__ == "__main__":

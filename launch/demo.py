@@ -17,6 +17,14 @@ OUT/logs/STAGE.log, recorded in OUT/pipeline.json:
   report       adm report: report.html / .md / .json, plots of the metrics against the scale,
                per-class sample grids per scale
 
+With `steps_sweep` (`adm demo --steps-sweep`), also the quality against sampling steps:
+
+  sweep-sample-T-sX   adm sample --steps S --classifier-scale X for every S of `sweep_steps`
+                      (DDPM-250, DDIM-25, DDIM-15, DPM-Solver++(2M) at 10, 15, 20, 25 evaluations)
+                      and every X of `sweep_scales`
+  sweep-eval-T-sX     adm evaluate ... --standard-errors (delete-half jackknife, paired across samplers)
+  report-steps        adm report: OUT/report_steps/ (metrics +- standard errors against evaluations)
+
 and shows the paper's point: classifier guidance trades diversity (recall) for class fidelity
 (accuracy, precision; the 8 px `--quick` run shows accuracy and FID only, see docs/demo.md). A rerun
 skips the stages that completed with the same command (and training and sampling resume inside a
@@ -33,6 +41,7 @@ from typing import Callable
 
 from launch.pipeline import Pipeline, build_pipeline, run_local
 from runtime.files import atomic_write_json
+from runtime.names import parse_error_line
 
 SETTINGS_FILE = "demo.json"
 
@@ -75,6 +84,14 @@ class DemoSettings:
     # (its unconditional model: scale 10) shows here at 16-32. At 64 precision fell again.
     scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
     seed: int = 0
+    # The steps sweep (--steps-sweep): adm sample --steps strings, scales, samples per point, the
+    # half-samples of the standard errors, and dynamic thresholding for the DPM-Solver++ runs.
+    sweep_steps: tuple[str, ...] = ("250", "ddim25", "ddim15", "dpm++2m-10", "dpm++2m-15", "dpm++2m-20",
+                                    "dpm++2m-25")
+    sweep_scales: tuple[float, ...] = (4.0, 16.0)
+    sweep_samples: int = 500
+    sweep_standard_errors: int = 50
+    sweep_thresholding: bool = False
 
     @classmethod
     def quick(cls) -> "DemoSettings":
@@ -101,13 +118,18 @@ class DemoSettings:
             key = key.strip()
             if not sep or key not in fields:
                 raise ValueError(f"--set expects KEY=VALUE with KEY one of {', '.join(fields)}; got {item!r}")
-            value = yaml.safe_load(text)
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise ValueError(f"--set {item!r}: not a YAML value ({parse_error_line(err)})") from None
             if key in ("unet_set", "classifier_set"):
                 if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
                     raise ValueError(f"{key} takes a list of KEY=VALUE training options, e.g. {key}=[lr=1e-4, batch_size=16]")
                 value = tuple(value)
-            elif key == "scales":
+            elif key in ("scales", "sweep_scales"):
                 value = tuple(float(v) for v in (value if isinstance(value, list) else [value]))
+            elif key == "sweep_steps":
+                value = tuple(str(v) for v in (value if isinstance(value, list) else [value]))
             changes[key] = value
         return dataclasses.replace(self, **changes)
 
@@ -120,8 +142,17 @@ def scale_name(scale: float) -> str:
     return f"s{scale:g}"
 
 
-def demo_pipeline(out: str | os.PathLike, s: DemoSettings) -> Pipeline:
-    """The demo as a pipeline definition (the mapping a pipeline YAML file would hold), checked like one."""
+def steps_name(steps: str) -> str:
+    """Folder-safe name of a steps string: "250" -> "ddpm250", "ddim25", "dpm++2m-15" -> "dpm2m15"."""
+    text = str(steps)
+    if text.isdigit():
+        return f"ddpm{text}"
+    return "".join(c for c in text if c.isalnum())
+
+
+def demo_pipeline(out: str | os.PathLike, s: DemoSettings, steps_sweep: bool = False) -> Pipeline:
+    """The demo as a pipeline definition (the mapping a pipeline YAML file would hold), checked like one;
+    `steps_sweep` adds the sweep over samplers and steps (steps_sweep_stages)."""
     out = Path(out).absolute()
     shards, unet, clf = out / "shards", out / "runs" / "unet", out / "runs" / "classifier"
     domain, reference = out / "domain_classifier.pt", out / "reference.npz"
@@ -168,7 +199,42 @@ def demo_pipeline(out: str | os.PathLike, s: DemoSettings) -> Pipeline:
     stages["report"] = {"command": "report", "after": [f"eval-{scale_name(x)}" for x in s.scales],
                         "args": [*(str(_metrics_dir(out, x) / "metrics.json") for x in s.scales), "--out",
                                  str(out / "report"), "--title", "adm demo: classifier guidance on MNIST digits"]}
+    if steps_sweep:
+        stages.update(steps_sweep_stages(out, s))
     return build_pipeline({"name": "demo", "out": str(out), "stages": stages}, "adm demo")
+
+
+def steps_sweep_stages(out: Path, s: DemoSettings) -> dict:
+    """Sample, evaluate (with standard errors) and report every (steps, scale) of the steps sweep.
+
+    Every sampler gets the same seed, labels and sample count, so index i starts from the same x_T
+    with the same label in every run and the differences between samplers are paired.
+    """
+    stages: dict[str, dict] = {}
+    metrics = []
+    for steps in s.sweep_steps:
+        for x in s.sweep_scales:
+            name = f"{steps_name(steps)}-{scale_name(x)}"
+            folder = out / "steps_sweep" / "samples" / name
+            extra = ["--thresholding"] if s.sweep_thresholding and str(steps).startswith("dpm") else []
+            stages[f"sweep-sample-{name}"] = {
+                "command": "sample", "after": ["unet", "classifier"],
+                "args": ["--model", str(out / "runs" / "unet"), "--classifier", str(out / "runs" / "classifier"),
+                         "--classifier-scale", f"{x:g}", "--num-samples", str(s.sweep_samples), "--steps", str(steps),
+                         *extra, "--labels", "balanced", "--seed", str(s.seed), "--batch-size", str(s.sample_batch),
+                         "--shard-size", str(s.sample_batch), "--grid-size", "0", "--no-progress", "--out", str(folder)]}
+            samples = folder / f"samples_{s.sweep_samples}x{s.image_size}x{s.image_size}x3.npz"
+            result = out / "steps_sweep" / "metrics" / name
+            stages[f"sweep-eval-{name}"] = {
+                "command": "evaluate", "after": [f"sweep-sample-{name}", "domain", "reference"],
+                "args": [str(out / "reference.npz"), str(samples), "--features",
+                         f"classifier:{out / 'domain_classifier.pt'}", "--standard-errors",
+                         str(s.sweep_standard_errors), "--out", str(result)]}
+            metrics.append((f"sweep-eval-{name}", result / "metrics.json"))
+    stages["report-steps"] = {"command": "report", "after": [stage for stage, _ in metrics],
+                              "args": [*(str(path) for _, path in metrics), "--out", str(out / "report_steps"),
+                                       "--title", "adm demo: quality against sampling steps"]}
+    return stages
 
 
 def _metrics_dir(out: Path, scale: float) -> Path:
@@ -176,17 +242,23 @@ def _metrics_dir(out: Path, scale: float) -> Path:
 
 
 def check_settings(out: str | os.PathLike, settings: DemoSettings) -> None:
-    """Refuse a folder made with other settings (its finished stages would not match); record them."""
+    """Refuse a folder made with other settings (its finished stages would not match); record them.
+
+    A folder of an earlier version lacks the settings added since; at their defaults they change
+    none of its stages, so it is accepted and its record completed.
+    """
     out = Path(out)
     path = out / SETTINGS_FILE
     mine = settings.to_dict()
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved != mine:
-            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    if saved is not None:
+        defaults = DemoSettings().to_dict()
+        completed = {**{k: mine[k] for k in mine if k not in saved and mine[k] == defaults[k]}, **saved}
+        if completed != mine:
+            diff = sorted(k for k in set(completed) | set(mine) if completed.get(k) != mine.get(k))
             raise ValueError(f"{out} holds a demo run with other settings ({', '.join(diff)} differ, "
                              f"e.g. --quick vs the full run); use another --out or delete {out}")
-    else:
+    if saved != mine:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, mine)
 
@@ -242,9 +314,57 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# The issue's questions of the steps sweep: (fast sampler, the one it should match).
+STEPS_GOALS = (("DPM-Solver++(2M)-15", "DDIM-25"), ("DPM-Solver++(2M)-20", "DDPM-250"))
+
+
+def steps_comparisons(steps_report: dict) -> list[dict]:
+    """For each STEPS_GOALS pair and scale: the difference in class accuracy and FID, its paired
+    standard error, the baseline's own standard error, and whether |difference| <= that error."""
+    rows = []
+    for sweep in steps_report.get("steps_sweeps", []):
+        points = {(p["sampler"], p["scale"]): p for p in sweep["points"]}
+        for fast, base in STEPS_GOALS:
+            for (sampler, scale), point in points.items():
+                baseline = points.get((base, scale))
+                if sampler != fast or baseline is None:
+                    continue
+                for metric in ("class_accuracy", "fid"):
+                    delta, paired = point["diffs"][base][metric]
+                    base_se = baseline[f"{metric}_se"]
+                    rows.append({"fast": fast, "baseline": base, "scale": scale, "metric": metric, "delta": delta,
+                                 "paired_se": paired, "baseline_se": base_se,
+                                 "within": base_se is not None and abs(delta) <= base_se})
+    return rows
+
+
+def steps_summary(steps_report: dict) -> str:
+    """The steps sweep as a fixed-width table (metrics +- standard error) and the STEPS_GOALS answers."""
+    def pm(p, key, digits):
+        se = p.get(f"{key}_se")
+        return f"{p[key]:.{digits}f}" + (f"±{se:.{digits}f}" if se is not None else "")
+
+    lines = [f"{'sampler':<21}{'evals':>6}{'scale':>6} {'class acc':>12} {'FID':>11} {'precision':>12} {'recall':>12}"]
+    for sweep in steps_report.get("steps_sweeps", []):
+        for p in sweep["points"]:
+            lines.append(f"{p['sampler']:<21}{p['evaluations']:>6}{p['scale']:>6} {pm(p, 'class_accuracy', 3):>12} "
+                         f"{pm(p, 'fid', 2):>11} {pm(p, 'precision', 3):>12} {pm(p, 'recall', 3):>12}")
+    lines.append("")
+    for r in steps_comparisons(steps_report):
+        name = "class acc" if r["metric"] == "class_accuracy" else "FID"
+        digits = 3 if r["metric"] == "class_accuracy" else 2
+        paired = "–" if r["paired_se"] is None else f"{r['paired_se']:.{digits}f}"
+        base_se = "–" if r["baseline_se"] is None else f"{r['baseline_se']:.{digits}f}"
+        lines.append(f"scale {r['scale']}: {r['fast']} - {r['baseline']}: {name} {r['delta']:+.{digits}f} "
+                     f"(paired SE {paired}; {r['baseline']}'s SE {base_se}: "
+                     f"{'within' if r['within'] else 'NOT within'} it)")
+    return "\n".join(lines)
+
+
 def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, overrides: list[str] | None = None,
-             threads: int | None = None, log: Callable[[str], None] = print) -> dict:
-    """Run (or finish) the demo in `out`; returns report.json's content plus `stage_seconds`.
+             threads: int | None = None, log: Callable[[str], None] = print, steps_sweep: bool = False) -> dict:
+    """Run (or finish) the demo in `out`; returns report.json's content plus `stage_seconds`, and with
+    `steps_sweep` the steps report's content as `steps_report`.
 
     `threads`: torch intra-op threads of every stage (default: the CPU cores this process may use).
     Raises launch.pipeline.StageFailed naming the stage and its log when a stage fails.
@@ -253,7 +373,7 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, overrides
     if overrides:
         settings = settings.replace(overrides)
     check_settings(out, settings)
-    pipeline = demo_pipeline(out, settings)
+    pipeline = demo_pipeline(out, settings, steps_sweep=steps_sweep)
     env = {"OMP_NUM_THREADS": str(threads or len(os.sched_getaffinity(0))),
            # Waiting OpenMP threads sleep instead of spinning: on a shared machine (CI, other jobs) a
            # spinning thread whose partner was descheduled made sampling 20x slower here.
@@ -261,6 +381,8 @@ def run_demo(out: str | os.PathLike = "demo_out", quick: bool = False, overrides
     t0 = time.perf_counter()
     seconds = run_local(pipeline, echo=log, env=env)
     report = json.loads((pipeline.out / "report" / "report.json").read_text())
+    if steps_sweep:
+        report["steps_report"] = json.loads((pipeline.out / "report_steps" / "report.json").read_text())
     report["stage_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     report["wall_seconds_this_run"] = round(time.perf_counter() - t0, 1)
     return report

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from runtime.files import atomic_torch_save, atomic_write_bytes
+from runtime.safe_load import load_torch_file
 from diffusion_core import presets
 from diffusion_core.openai_compat import load_openai_state_dict, preset_for_openai_file
 from diffusion_core.presets import OPENAI_URL, Preset
@@ -75,23 +76,27 @@ def save_model_file(
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     if _suffix(path) == ".pt":
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"{path} is not a readable model file: {err}") from None
+        obj = load_torch_file(path, "model file")
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise ValueError(
                 f"{path} is not an {FORMAT} model file (a released OpenAI file? load it as 'openai:{path}')"
             )
+        if not isinstance(obj.get("state_dict"), dict) or not isinstance(obj.get("config"), dict):
+            raise ValueError(f"{path} is a damaged {FORMAT} model file (no state_dict or config)")
         return dict(obj["state_dict"]), obj["config"], dict(obj.get("extra") or {})
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an {FORMAT} model file (its metadata has no format {FORMAT!r})")
-    tensors = load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an {FORMAT} model file (its metadata has no format {FORMAT!r})")
+        tensors = load_file(str(path))
+    except (OSError, ValueError):
+        raise
+    except Exception as err:  # safetensors' own error type for a malformed file
+        raise ValueError(f"{path} is not a readable .safetensors file: {err}") from None
     order = [k for k in json.loads(metadata.get("order") or "[]") if k in tensors]
     state_dict = {k: tensors[k] for k in order + sorted(set(tensors) - set(order))}
     return state_dict, json.loads(metadata["config"]), json.loads(metadata.get("extra") or "{}")
@@ -190,9 +195,11 @@ def load_model(
         path = resolve_openai_file(spec[len("openai:"):])
         chosen = _preset_of(preset) or presets.get(preset_for_openai_file(path.name))
         try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state_dict = load_torch_file(path, "released checkpoint", mmap=True)
         except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            state_dict = load_torch_file(path, "released checkpoint")
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"{path} is not a released checkpoint (a state dict); it holds {type(state_dict).__name__}")
         return _materialise(chosen, state_dict, device), chosen
     path = Path(spec)
     if path.is_dir():

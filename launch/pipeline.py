@@ -35,6 +35,7 @@ from typing import Any, Callable
 import yaml
 
 from runtime.files import atomic_write_json
+from runtime.names import check_inside, check_name, check_text, parse_error_line
 
 _STAGE_KEYS = {"command", "args", "after", "sweep", "resources", "local_tasks"}
 _TOP_KEYS = {"name", "out", "cluster", "vars", "resources", "stages"}
@@ -76,8 +77,8 @@ class Pipeline:
         return next(s for s in self.stages if s.id == stage_id)
 
     def log_path(self, stage_id: str) -> Path:
-        """Where --local writes a stage's output."""
-        return self.out / "logs" / f"{stage_id}.log"
+        """Where --local writes a stage's output (always inside OUT/logs)."""
+        return check_inside(self.out / "logs" / f"{check_name(stage_id, 'stage')}.log", self.out / "logs", "stage log")
 
 
 class StageFailed(Exception):
@@ -116,10 +117,10 @@ def _sweep_values(raw: Any, where: str) -> list[dict[str, str]]:
         return [{}]
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{where}.sweep must map a name to a list of values, e.g. {{scale: [1.0, 4.0]}}")
-    keys = list(raw)
+    keys = [check_name(k, f"{where}.sweep key") for k in raw]
     lists = []
-    for key in keys:
-        values = raw[key] if isinstance(raw[key], (list, tuple)) else [raw[key]]
+    for key, given in zip(keys, raw.values()):
+        values = given if isinstance(given, (list, tuple)) else [given]
         if not values:
             raise ValueError(f"{where}.sweep.{key} is empty")
         lists.append([str(v) for v in values])
@@ -129,7 +130,7 @@ def _sweep_values(raw: Any, where: str) -> list[dict[str, str]]:
 def _stage_id(name: str, sweep: dict[str, str]) -> str:
     if not sweep:
         return name
-    return name + "." + ".".join(f"{k}-{re.sub(r'[^A-Za-z0-9_.+-]', '_', v)}" for k, v in sweep.items())
+    return name + "." + ".".join(f"{k}-{re.sub(r'[^A-Za-z0-9_.-]', '_', v)}" for k, v in sweep.items())
 
 
 def _order(names: list[str], after: dict[str, list[str]], source: Path) -> list[str]:
@@ -165,7 +166,7 @@ def load_pipeline(path: str | os.PathLike, out: str | None = None, variables: di
     try:
         data = yaml.safe_load(source.read_text())
     except yaml.YAMLError as err:
-        raise ValueError(f"{source} is not valid YAML: {err}") from None
+        raise ValueError(f"{source} is not valid YAML: {parse_error_line(err)}") from None
     return build_pipeline(data, source, out=out, variables=variables, validate=validate)
 
 
@@ -182,10 +183,13 @@ def build_pipeline(data: Any, source: str | os.PathLike, out: str | None = None,
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {unknown}; known: {sorted(_TOP_KEYS)}")
 
-    name = str(data.get("name") or source.stem)
+    name = check_name(data.get("name") or source.stem, f"{source}: pipeline name")
+    if not isinstance(data.get("vars") or {}, dict):
+        raise ValueError(f"{source}: 'vars' must be a mapping of names to values")
     values = {str(k): str(v) for k, v in (data.get("vars") or {}).items()}
     values.update(variables or {})
-    out_dir = Path(_substitute(str(out or data.get("out") or f"runs/{name}"), values, f"{source}: out")).absolute()
+    out_text = _substitute(str(out or data.get("out") or f"runs/{name}"), values, f"{source}: out")
+    out_dir = Path(check_text(out_text, f"{source}: out")).absolute()
     values.update({"out": str(out_dir), "name": name, "config_dir": str(source.resolve().parent)})
 
     from launch.cli import COMMANDS
@@ -193,6 +197,9 @@ def build_pipeline(data: Any, source: str | os.PathLike, out: str | None = None,
     raw_stages: dict[str, dict] = {}
     for stage_name, spec in data["stages"].items():
         where = f"{source}: stage '{stage_name}'"
+        check_name(stage_name, f"{source}: stage name")
+        if not isinstance(spec or {}, dict):
+            raise ValueError(f"{where} must be a mapping (command, args, after, ...)")
         spec = dict(spec or {})
         bad = sorted(set(spec) - _STAGE_KEYS)
         if bad:

@@ -9,10 +9,8 @@ in a row whose gradients were not finite (a diverged run stops instead of skippi
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
-import torch.distributed as dist
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,76 +59,92 @@ class NonFiniteLossError(RuntimeError):
 class LossScaler:
     """Dynamic loss scaling for fp16, and the non-finite-step guard for every precision.
 
-    Use: `loss * scaler.scale` for backward; then `ok = scaler.unscale_and_check(params)` divides the
-    gradients by the scale and agrees across ranks whether all of them are finite; then
-    `scaler.update(ok)` (raises NonFiniteLossError after `max_nonfinite` bad steps in a row).
-    With `dynamic=False` the scale stays 1 and only the guard is active.
+    Everything a step changes lives in device tensors, so a step never waits for the device:
+
+        backward(loss * scaler.scale_tensor / grad_accum)
+        found_inf = 1.0 where the step's gradients are not finite (a device tensor; the strategy
+                    skips the optimizer update on the device, see `apply_optimizer_step`)
+        scaler.update(found_inf)     # halve on overflow (not below the floor), double after a clean window
+        ...
+        scaler.check()               # every log step and before a checkpoint: reads the counters and
+                                     # raises NonFiniteLossError after `max_nonfinite` bad steps in a row
+
+    A run of bad steps is remembered until the next `check()`, so it is caught even when good
+    steps follow it before the check. With `dynamic=False` the scale stays 1 and only the guard is
+    active. Reading `scale` or `skipped_total` waits for the device (logging only).
     """
 
     def __init__(self, dynamic: bool, init_scale: float = 2.0 ** 16, floor: float = 1.0,
-                 growth_interval: int = 1000, max_nonfinite: int = 50):
+                 growth_interval: int = 1000, max_nonfinite: int = 50, device: torch.device | str = "cpu"):
         self.dynamic = dynamic
-        self.scale = float(init_scale) if dynamic else 1.0
         self.floor = float(floor)
         self.growth_interval = int(growth_interval)
         self.max_nonfinite = int(max_nonfinite)
-        self.good_steps = 0  # finite steps since the last change of scale
-        self.bad_in_a_row = 0
-        self.skipped_total = 0
+        device = torch.device(device)
+        self.scale_tensor = torch.full((), float(init_scale) if dynamic else 1.0, dtype=torch.float32, device=device)
+        # int32: the layout torch._amp_update_scale_ expects for its growth tracker.
+        self._good_steps = torch.zeros((), dtype=torch.int32, device=device)  # finite steps since the last change
+        self._bad_in_a_row = torch.zeros((), dtype=torch.int32, device=device)
+        self._worst_run = torch.zeros((), dtype=torch.int32, device=device)  # longest bad run since check()
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def scale(self) -> float:
+        """The current loss scale (reads the device)."""
+        return float(self.scale_tensor)
+
+    @property
+    def skipped_total(self) -> int:
+        """Optimizer steps skipped so far because their gradients were not finite (reads the device)."""
+        return int(self._skipped)
 
     @torch.no_grad()
-    def unscale_and_check(self, params) -> bool:
-        """Divide gradients by the scale in place; True when every rank's gradients are finite."""
-        grads = [p.grad for p in params if p.grad is not None]
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        if self.scale != 1.0 and local:
-            torch._foreach_mul_(local, 1.0 / self.scale)
-        if local:
-            norms = torch._foreach_norm(local)
-            finite = torch.isfinite(torch.stack(norms).sum()).float()
-        else:
-            finite = torch.ones(())
-        if dist.is_available() and dist.is_initialized():
-            device = local[0].device if local else torch.device("cpu")
-            finite = finite.to(device)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item() > 0)
-
-    def update(self, finite: bool) -> None:
-        """Adjust the scale after a step (halve on overflow, double after a clean window)."""
-        if finite:
-            self.bad_in_a_row = 0
-            self.good_steps += 1
-            if self.dynamic and self.good_steps >= self.growth_interval:
-                self.scale *= 2.0
-                self.good_steps = 0
-            return
-        self.bad_in_a_row += 1
-        self.skipped_total += 1
-        self.good_steps = 0
+    def update(self, found_inf: torch.Tensor) -> None:
+        """Record a step: `found_inf` is a 0-d float tensor, 1 when its gradients were not finite."""
+        found_inf = found_inf.to(device=self.scale_tensor.device, dtype=torch.float32)
+        bad = found_inf.to(torch.int32)
         if self.dynamic:
-            self.scale = max(self.scale / 2.0, self.floor)
-        if self.bad_in_a_row >= self.max_nonfinite:
-            hint = (f" The loss scale is at its floor ({self.floor:g})." if self.dynamic and self.scale <= self.floor else "")
+            torch._amp_update_scale_(self.scale_tensor, self._good_steps, found_inf, 2.0, 0.5, self.growth_interval)
+            self.scale_tensor.clamp_(min=self.floor)
+        else:
+            self._good_steps.add_(1).mul_(1 - bad)
+        self._bad_in_a_row.add_(bad).mul_(bad)
+        torch.maximum(self._worst_run, self._bad_in_a_row, out=self._worst_run)
+        self._skipped.add_(bad)
+
+    def check(self) -> None:
+        """Raise NonFiniteLossError when `max_nonfinite` steps in a row were skipped since the last check.
+
+        Reads the device: call it where the loop synchronises anyway (logging, checkpoints).
+        """
+        worst = int(self._worst_run)
+        self._worst_run.copy_(self._bad_in_a_row)
+        if worst >= self.max_nonfinite:
+            scale = self.scale
+            hint = (f" The loss scale is at its floor ({self.floor:g})." if self.dynamic and scale <= self.floor else "")
             raise NonFiniteLossError(
-                f"{self.bad_in_a_row} optimizer steps in a row had non-finite gradients; training diverged.{hint} "
+                f"{worst} optimizer steps in a row had non-finite gradients; training diverged.{hint} "
                 "Lower lr, enable grad_clip, or use precision=bf16/fp32; resume from the last checkpoint.")
 
     def state_dict(self) -> dict:
-        """Everything needed to continue with the same scale after a resume."""
-        return {"scale": self.scale, "good_steps": self.good_steps, "bad_in_a_row": self.bad_in_a_row,
+        """Everything needed to continue with the same scale after a resume (reads the device)."""
+        return {"scale": self.scale, "good_steps": int(self._good_steps), "bad_in_a_row": int(self._bad_in_a_row),
                 "skipped_total": self.skipped_total}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`'s values."""
-        self.scale = float(state["scale"])
-        self.good_steps = int(state["good_steps"])
-        self.bad_in_a_row = int(state["bad_in_a_row"])
-        self.skipped_total = int(state.get("skipped_total", 0))
+        self.scale_tensor.fill_(float(state["scale"]))
+        self._good_steps.fill_(int(state["good_steps"]))
+        self._bad_in_a_row.fill_(int(state["bad_in_a_row"]))
+        self._worst_run.fill_(int(state["bad_in_a_row"]))
+        self._skipped.fill_(int(state.get("skipped_total", 0)))
 
 
 def grad_norm(params) -> torch.Tensor:
-    """Global L2 norm of the gradients over all ranks (sharded DTensor gradients are reduced)."""
+    """Global L2 norm of the gradients over all ranks (sharded DTensor gradients are reduced).
+
+    A device tensor; inf or nan when any gradient on any rank is not finite.
+    """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
@@ -140,11 +154,38 @@ def grad_norm(params) -> torch.Tensor:
     return norm
 
 
-def clip_grads_(params, max_norm: float, norm: torch.Tensor) -> None:
-    """Scale gradients so their global norm is at most `max_norm` (given the precomputed norm)."""
-    if max_norm <= 0 or not math.isfinite(float(norm)):
-        return
-    coef = max_norm / (float(norm) + 1e-6)
-    if coef < 1.0:
-        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
-        torch._foreach_mul_(grads, coef)
+def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` can unscale and skip on the device (torch's fused Adam/AdamW/SGD)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups)
+
+
+@torch.no_grad()
+def apply_optimizer_step(optimizer: torch.optim.Optimizer, params, scale: torch.Tensor, grad_clip: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscale, check, clip and apply the gradients without waiting for the device.
+
+    The gradients hold `scale` x the true ones. Their global norm (one pass, all ranks) gives both
+    the finiteness check and the clipping coefficient; a fused optimizer then divides each gradient
+    by `scale / clip` and skips the whole update when `found_inf` is set, all inside its kernel
+    (what torch.amp.GradScaler does for fused optimizers). Returns (found_inf as a 0-d float
+    tensor, the true gradient norm); both stay on the device.
+    """
+    norm = grad_norm(params) / scale
+    found_inf = (~torch.isfinite(norm)).float()
+    divisor = scale
+    if grad_clip > 0:
+        divisor = scale / torch.clamp(grad_clip / (norm + 1e-6), max=1.0)
+    if supports_device_skip(optimizer):
+        optimizer.grad_scale, optimizer.found_inf = divisor, found_inf
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+        return found_inf, norm
+    # Another optimizer cannot skip on the device: one read of the flag per step.
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
+    if not bool(found_inf):
+        torch._foreach_div_(grads, divisor)
+        optimizer.step()
+    return found_inf, norm

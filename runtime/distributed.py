@@ -15,6 +15,8 @@ import os
 import re
 import socket
 import subprocess
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -108,9 +110,54 @@ def setup(backend: str | None = None, timeout_minutes: float = 30.0) -> DistInfo
 
 
 def cleanup() -> None:
-    """Destroy the process group if one was created."""
+    """Destroy the process group if one was created (at once: use `finish()` at a job's normal end)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish(timeout_s: float = 300.0) -> None:
+    """End a job's process group in step on every rank (a collective; the normal end of a job).
+
+    A rank that tears its group down while a peer is still inside the last collective closes the
+    connections under the peer's feet, and gloo can then abort the peer (SIGABRT) after all the
+    job's work is done. So: a barrier (every collective complete), then a handshake through the
+    group's store (every rank is past the barrier), then the other ranks destroy their groups, and
+    rank 0, which hosts the store under srun, destroys its own last, once they said they are done
+    (or after `timeout_s`). Call it only where every rank arrives (not on an error path: there,
+    `cleanup()`).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world == 1:
+        dist.destroy_process_group()
+        return
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store = _get_default_store()
+    # The same number on every rank: how many times each has finished a group on this store.
+    key = f"adm/finish/{store.add(f'adm/finish/rank{rank}', 1)}"
+    dist.barrier()
+    try:
+        store.add(f"{key}/past-barrier", 1)
+        _wait_count(store, f"{key}/past-barrier", world, timeout_s)
+        if rank != 0:
+            dist.destroy_process_group()
+            store.add(f"{key}/closed", 1)
+            return
+        _wait_count(store, f"{key}/closed", world - 1, timeout_s)
+    except Exception as err:  # the work is done: a slow or lost peer must not fail the job now
+        print(f"[distributed] rank {rank}: the ranks did not end in step ({err}); closing anyway",
+              file=sys.stderr, flush=True)
+    cleanup()
+
+
+def _wait_count(store, key: str, target: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while store.add(key, 0) < target:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {store.add(key, 0)} of {target} ranks reached {key} within {timeout_s:.0f}s")
+        time.sleep(0.01)
 
 
 def barrier() -> None:

@@ -78,6 +78,10 @@ class CountingJob(GuardedJob):
         super().__init__(grace_s)
         self.out_dir, self.steps, self.step_s, self.save_every, self.poll = out_dir, steps, step_s, save_every, poll
 
+    def polls_preemption(self) -> bool:
+        """A polling CountingJob is cooperative from the start (see runtime.preemption.Guard)."""
+        return self.poll
+
     def _latest(self) -> tuple[int, str] | None:
         folder = Path(self.out_dir) / "checkpoints"
         found = sorted(folder.glob("step_*.json")) if folder.is_dir() else []

@@ -2,8 +2,8 @@
 
 Every stage becomes one job (a swept stage one job per value); a job waits for the jobs of the stages
 it is after, and is cancelled by SLURM if one of them fails (kill-on-invalid-dep). While following,
-the first failed stage stops the pipeline: its unfinished jobs are cancelled and the error names
-the stage and its log.
+the first failed stage stops the pipeline: its unfinished jobs are cancelled, OUT/pipeline.json gets
+every stage's final state, and the error names the stage, its log and every stage that will not run.
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def submit_pipeline(pipeline: Pipeline, profile: ClusterProfile,
     """Submit every stage in graph order; returns stage id -> submitted job. Writes OUT/pipeline.json."""
     jobs.require_slurm("Run the pipeline on this machine instead with `adm pipeline CONFIG --local`.")
     for stage in pipeline.stages:  # check every stage before submitting any
-        stage_resources(pipeline, profile, stage.id)
+        submission.check_script_inputs(profile, stage_resources(pipeline, profile, stage.id),
+                                       f"{pipeline.name}.{stage.id}", log_dir=log_dir(pipeline, stage.id))
     pipeline.out.mkdir(parents=True, exist_ok=True)
     submitted: dict[str, submission.SubmittedJob] = {}
     record: dict[str, dict] = {}
@@ -78,10 +79,13 @@ def _culprit(pipeline: Pipeline, states: dict[str, str]) -> str:
 
 
 def follow(pipeline: Pipeline, submitted: dict[str, submission.SubmittedJob], poll_s: float = 5.0,
-           echo: Callable[[str], None] = print) -> dict[str, str]:
+           echo: Callable[[str], None] = print, settle_s: float = 120.0) -> dict[str, str]:
     """Wait for every job; print state changes; raise StageFailed at the first failure.
 
-    On a failure the pipeline's unfinished jobs are cancelled. Returns stage id -> final state.
+    On a failure the pipeline's unfinished jobs are cancelled, and every job is then followed (up to
+    `settle_s`) to its final state, so that OUT/pipeline.json ends with every stage's final state and
+    the error names every stage that will not run: those cancelled here and those SLURM cancelled
+    because a job they depend on failed. Returns stage id -> final state.
     """
     by_job = {job.job_id: stage_id for stage_id, job in submitted.items()}
     record = {stage_id: {"command": pipeline.stage(stage_id).command_line, "job_id": job.job_id,
@@ -90,6 +94,8 @@ def follow(pipeline: Pipeline, submitted: dict[str, submission.SubmittedJob], po
 
     def changed(job_id: str, state: str) -> None:
         stage_id = by_job[job_id]
+        if record[stage_id]["state"] == state:
+            return
         record[stage_id]["state"] = state
         write_record(pipeline, "slurm", record)
         echo(f"[pipeline] {stage_id} (job {job_id}): {state}")
@@ -99,14 +105,30 @@ def follow(pipeline: Pipeline, submitted: dict[str, submission.SubmittedJob], po
 
     final = jobs.wait(list(by_job), poll_s=poll_s, on_change=changed, fallback=fallback, stop_on_failure=True)
     states = {by_job[job_id]: state for job_id, state in final.items()}
-    if any(s in jobs.FAILED_STATES for s in states.values()):
-        unfinished = [submitted[s].job_id for s, state in states.items() if not jobs.is_finished(state)]
-        jobs.cancel(unfinished)
-        culprit = _culprit(pipeline, states)
-        log = submitted[culprit].log_path
-        cancelled = sorted(s for s, state in states.items() if not jobs.is_finished(state))
-        detail = f"job {submitted[culprit].job_id} {states[culprit]}"
-        if cancelled:
-            detail += f"; cancelled {', '.join(cancelled)}"
-        raise StageFailed(culprit, log, detail, submission.tail(log))
-    return states
+    if not any(s in jobs.FAILED_STATES for s in states.values()):
+        return states
+    culprit = _culprit(pipeline, states)
+    jobs.cancel(submitted[s].job_id for s, state in states.items() if not jobs.is_finished(state))
+    states = _settle(by_job, poll_s, settle_s, changed, fallback, states)
+    for stage_id, state in states.items():
+        record[stage_id]["state"] = state
+    write_record(pipeline, "slurm", record)
+    log = submitted[culprit].log_path
+    detail = f"job {submitted[culprit].job_id} {states[culprit]}"
+    not_run = [s.id for s in pipeline.stages if s.id != culprit and states[s.id] != jobs.DONE]
+    if not_run:
+        detail += f"; will not run: {', '.join(not_run)}"
+    raise StageFailed(culprit, log, detail, submission.tail(log))
+
+
+def _settle(by_job: dict[str, str], poll_s: float, settle_s: float, changed, fallback,
+            states: dict[str, str]) -> dict[str, str]:
+    """Follow the jobs until every one has its final state (or `settle_s` passed); stage id -> state."""
+    try:
+        final = jobs.wait(list(by_job), poll_s=min(poll_s, 2.0), timeout_s=settle_s, on_change=changed,
+                          fallback=fallback)
+    except TimeoutError:
+        final = jobs.states(list(by_job))  # some job is slow to end: record what SLURM says now
+    settled = dict(states)
+    settled.update({by_job[job_id]: state for job_id, state in final.items()})
+    return settled

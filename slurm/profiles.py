@@ -7,10 +7,13 @@ override. Unknown keys are an error (a typo must not silently fall back to a def
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from runtime.names import check_text, parse_error_line
 
 PROFILE_DIR = Path(__file__).resolve().parent
 
@@ -48,6 +51,8 @@ class Resources:
                                  ("cpus_per_task", cpus, 1), ("time_min", time_min, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.mem is not None and not _MEM.fullmatch(str(self.mem)):
+            raise ValueError(f"mem {str(self.mem)!r} is not an sbatch memory amount such as 64G, 480000M or 0")
         if gpus and tasks != gpus:
             raise ValueError(
                 f"tasks_per_node={tasks} but gpus_per_node={gpus}: stages run one task per GPU; "
@@ -63,6 +68,9 @@ class Resources:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{where}: unknown resource key(s) {unknown}; known: {sorted(known)}")
+        if data.get("mem") is not None and not _MEM.fullmatch(str(data["mem"])):
+            raise ValueError(f"{where}: mem {str(data['mem'])!r} is not an sbatch memory amount such as 64G, "
+                             "480000M or 0")
         return cls(**data)
 
 
@@ -99,6 +107,32 @@ class ClusterProfile:
         return max(5, self.signal_delay_s - 30)
 
 
+_MEM = re.compile(r"[0-9]+[KMGTkmgt]?")
+_SBATCH_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_profile(profile: ClusterProfile) -> None:
+    """Refuse profile values that would change a job script beyond their value (ValueError naming them).
+
+    Partition, account, qos, constraint, env values and sbatch values: no control characters; env keys
+    shell variable names; sbatch keys option names. `setup` lines are shell code by design: a profile
+    runs in every job it submits, so take profiles only from people you trust (docs/security.md).
+    """
+    where = f"cluster profile {profile.source or profile.name}"
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(profile, key) is not None:
+            check_text(getattr(profile, key), f"{where}: {key}")
+    for key, value in profile.env.items():
+        if not _ENV_KEY.fullmatch(str(key)):
+            raise ValueError(f"{where}: env key {str(key)!r} is not a shell variable name")
+        check_text(value, f"{where}: env {key}")
+    for key, value in profile.sbatch.items():
+        if not _SBATCH_KEY.fullmatch(str(key)):
+            raise ValueError(f"{where}: sbatch option {str(key)!r} is not an option name")
+        check_text(value, f"{where}: sbatch {key}")
+
+
 _PROFILE_KEYS = {"description", "partition", "account", "qos", "constraint", "signal_delay_s", "preempt_grace_s",
                  "max_requeues", "setup", "env", "sbatch"}
 
@@ -133,7 +167,7 @@ def load_profile(name_or_path: str) -> ClusterProfile:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"cluster profile {path} is not valid YAML: {err}") from None
+        raise ValueError(f"cluster profile {path} is not valid YAML: {parse_error_line(err)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"cluster profile {path} must be a mapping of keys to values")
     resource_keys = {f.name for f in dataclasses.fields(Resources)}
@@ -147,15 +181,20 @@ def load_profile(name_or_path: str) -> ClusterProfile:
         setup = [setup]
     if not all(isinstance(line, str) for line in setup):
         raise ValueError(f"cluster profile {path}: 'setup' must be a list of shell lines")
+    for key in ("env", "sbatch"):
+        if not isinstance(data.get(key) or {}, dict):
+            raise ValueError(f"cluster profile {path}: '{key}' must be a mapping of names to values")
     env = {str(k): str(v) for k, v in (data.get("env") or {}).items()}
     sbatch = dict(data.get("sbatch") or {})
     for key, value in (("signal_delay_s", data.get("signal_delay_s")), ("max_requeues", data.get("max_requeues")),
                        ("preempt_grace_s", data.get("preempt_grace_s"))):
         if value is not None and (not isinstance(value, int) or value < 0):
             raise ValueError(f"cluster profile {path}: {key} must be a non-negative integer, got {value!r}")
-    return ClusterProfile(
+    profile = ClusterProfile(
         name=path.stem, description=str(data.get("description", "")), partition=data.get("partition"),
         account=data.get("account"), qos=data.get("qos"), constraint=data.get("constraint"),
         resources=resources, signal_delay_s=data.get("signal_delay_s", 180),
         preempt_grace_s=data.get("preempt_grace_s"), max_requeues=data.get("max_requeues", 20),
         setup=tuple(setup), env=env, sbatch=sbatch, source=str(path))
+    check_profile(profile)
+    return profile

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+from launch.cli import USER_ERRORS
 from runtime import preemption
 from slurm.stage_job import StageJob
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     grace = float(os.environ.get("ADM_PREEMPT_GRACE_S", "120"))
     try:
         StageJob(argv[0], argv[1:], grace_s=grace).run_guarded(scontrol_requeue)
-    except (ValueError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         print(f"adm {argv[0]}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # the stage returned a non-zero status

@@ -8,6 +8,7 @@ torch.distributed from SLURM's variables (runtime.distributed.setup) and sees th
 """
 from __future__ import annotations
 
+import importlib
 import os
 import shlex
 import signal
@@ -46,6 +47,10 @@ class GuardedJob(submitit.helpers.Checkpointable):
         """The job's body; subclasses implement it."""
         raise NotImplementedError
 
+    def polls_preemption(self) -> bool:
+        """Whether `work()` polls runtime.preemption (then a signal during its start-up waits for it)."""
+        return False
+
     def __call__(self):
         # submitit's own handler (installed before this call) knows how to re-pickle this job and
         # requeue it, counting time-outs; it acts on rank 0 and returns on the others.
@@ -59,15 +64,19 @@ class GuardedJob(submitit.helpers.Checkpointable):
 
     def run_guarded(self, requeue):
         """Run `work()` with runtime.preemption's handlers; `requeue()` requeues the job (see Guard)."""
-        guard = preemption.Guard(requeue, self.grace_s).install()
+        guard = preemption.Guard(requeue, self.grace_s, cooperative=self.polls_preemption()).install()
+        done = False
         try:
-            return self.work()
+            result = self.work()
+            done = True
+            return result
         except preemption.Preempted as stop:
             print(f"[adm] rank {preemption.process_rank()}: stopped early: {stop}", flush=True)
             guard.finish_preempted()
             raise  # not reached: finish_preempted exits
         finally:
-            guard.uninstall()
+            # A signal after the work completed (the time limit came as it finished) changes nothing.
+            guard.uninstall(work_done=done)
 
 
 class StageJob(GuardedJob):
@@ -80,6 +89,15 @@ class StageJob(GuardedJob):
 
     def __repr__(self) -> str:
         return f"StageJob(adm {self.command} {shlex.join(self.argv)})"
+
+    def polls_preemption(self) -> bool:
+        """True for stages whose command module says `POLLS_PREEMPTION = True` (training)."""
+        from launch.cli import COMMANDS
+
+        if self.command not in COMMANDS:
+            return False  # work() names the problem
+        module = importlib.import_module(COMMANDS[self.command][0])
+        return bool(getattr(module, "POLLS_PREEMPTION", False))
 
     def work(self) -> int:
         """Parse the stage's options and run it; a non-zero exit status fails the job."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any, Callable, Iterable
 
 import submitit
 
+from runtime.names import check_name, check_text
 from slurm import jobs
-from slurm.profiles import ClusterProfile, Resources
+from slurm.profiles import ClusterProfile, Resources, check_profile
 from slurm.stage_job import StageJob
 
 NO_SLURM_HINT = ("Run the stage directly with `adm STAGE ...`, use `adm pipeline CONFIG --local`, "
@@ -48,9 +50,31 @@ def rendezvous_setup(python: str = sys.executable) -> list[str]:
     ]
 
 
+_JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")
+
+
+def check_script_inputs(profile: ClusterProfile, resources: Resources, job_name: str,
+                        after: Iterable[str] = (), log_dir: str | os.PathLike | None = None) -> None:
+    """Refuse anything that would change the generated sbatch script beyond its value (ValueError).
+
+    submitit quotes values but not newlines: `#SBATCH --job-name='x<newline>rm -rf ~'` runs the second
+    line on the compute node. Names must be names, values free of control characters, job ids digits
+    (the profile's and the resources' own checks: `check_profile`, `Resources.resolved`).
+    """
+    check_name(job_name, "job name")
+    if log_dir is not None:
+        check_text(log_dir, "log folder")
+    for job in after:
+        if not _JOB_ID.fullmatch(str(job)):
+            raise ValueError(f"--after: {str(job)!r} is not a SLURM job id (digits, or ARRAYID_TASK)")
+    check_profile(profile)
+    resources.resolved()
+
+
 def executor_parameters(profile: ClusterProfile, resources: Resources, job_name: str,
                         after: Iterable[str] = ()) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters for one job (resources already resolved)."""
+    """submitit SlurmExecutor parameters for one job (resources already resolved, inputs checked)."""
+    check_script_inputs(profile, resources, job_name, after)
     res = resources.resolved()
     setup = [f"export {key}={shlex.quote(value)}" for key, value in profile.env.items()]
     setup += list(profile.setup) + rendezvous_setup()
@@ -86,6 +110,7 @@ def make_executor(profile: ClusterProfile, resources: Resources, log_dir: str | 
                   after: Iterable[str] = ()) -> submitit.SlurmExecutor:
     """A submitit executor for one job; raises FileNotFoundError when SLURM is not installed here."""
     jobs.require_slurm(NO_SLURM_HINT)
+    check_text(log_dir, "log folder")
     executor = submitit.SlurmExecutor(folder=str(log_dir), max_num_timeout=profile.max_requeues)
     executor.update_parameters(**executor_parameters(profile, resources, job_name, after))
     return executor
@@ -96,6 +121,7 @@ def sbatch_script(profile: ClusterProfile, resources: Resources, log_dir: str | 
     """The sbatch script submitit would submit (for --dry-run); needs no SLURM installation."""
     from submitit.slurm.slurm import _make_sbatch_string
 
+    check_text(log_dir, "log folder")
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(log_dir))])
     return _make_sbatch_string(command=command, folder=str(log_dir),
                                **executor_parameters(profile, resources, job_name, after))

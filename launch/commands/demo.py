@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from runtime.names import int_at_least
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `adm demo`."""
@@ -15,7 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller run, under 4 minutes on two CPU cores (CI)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", nargs="+",
                         help="change a demo setting (launch.demo.DemoSettings), e.g. --set num_samples=500")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: all usable cores)")
+    parser.add_argument("--steps-sweep", action="store_true",
+                        help="also sample and evaluate DDPM-250, DDIM-25/15 and DPM-Solver++(2M) at 10-25 evaluations "
+                             "at two scales, with standard errors: report_steps/ (docs/demo.md; long: DDPM-250)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     sets = [item for group in args.set for item in group]
     try:
         report = run_demo(args.out, quick=args.quick, overrides=sets, threads=args.threads,
-                          log=lambda line: print(line, flush=True))
+                          log=lambda line: print(line, flush=True), steps_sweep=args.steps_sweep)
     except StageFailed as failure:
         if failure.tail:
             print(f"--- last lines of {failure.log} ---\n{failure.tail}\n---", file=sys.stderr)
@@ -58,4 +63,9 @@ def run(args: argparse.Namespace) -> int:
     seconds = report.get("stage_seconds", {})
     print("stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     print(f"\nreport: {Path(args.out) / 'report' / 'report.html'} (also report.md, report.json)")
+    if args.steps_sweep:
+        from launch.demo import steps_summary
+
+        print("\n" + steps_summary(report["steps_report"]))
+        print(f"steps report: {Path(args.out) / 'report_steps' / 'report.html'}")
     return 0

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from runtime.names import int_at_least
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -23,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", default="inception",
                         help="feature network: 'inception' (the paper's) or 'classifier:PATH' (domain classifier)")
     parser.add_argument("--inception-weights", help="path of pt_inception-2015-12-05-6726825d.pth")
-    parser.add_argument("--batch-size", type=int, default=100, help="images per forward pass and rank")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=100, help="images per forward pass and rank")
     parser.add_argument("--pr-fp32", action="store_true",
                         help="exact float32 precision/recall distances instead of ADM's float16 emulation")
     parser.add_argument("--fid-method", choices=("sqrtm", "eigh"), default="sqrtm",
@@ -31,12 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-stored-stats", action="store_true",
                         help="compute reference statistics from its images even if the file stores mu/sigma")
     parser.add_argument("--device", help="torch device (default: this rank's GPU, else CPU)")
+    parser.add_argument("--standard-errors", type=int, default=0, metavar="S",
+                        help="also estimate standard errors of FID, precision, recall and class accuracy from S "
+                             "random halves of the samples (delete-half jackknife; e.g. 50; 0: none)")
     train = parser.add_argument_group("training a domain classifier (--features classifier:PATH)")
     train.add_argument("--train-classifier", metavar="DATA",
                        help="shards (folder, pattern) or an .npz with arr_0 images and arr_1 labels")
-    train.add_argument("--image-size", type=int, help="image side for the classifier (default: the data's)")
-    train.add_argument("--epochs", type=int, default=4)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--image-size", type=int_at_least(1), help="image side for the classifier (default: the data's)")
+    train.add_argument("--epochs", type=int_at_least(1), default=4)
+    train.add_argument("--seed", type=int_at_least(0), default=0)
 
 
 def run(args) -> int:
@@ -47,11 +52,15 @@ def run(args) -> int:
     from evaluation.evaluate import evaluate
     from runtime.distributed import cleanup, setup
 
+    if args.standard_errors and not 2 <= args.standard_errors <= 10000:
+        raise ValueError(f"--standard-errors takes a number of half-samples between 2 and 10000 (e.g. 50), "
+                         f"got {args.standard_errors}")
     setup()
     out = args.out or str(Path(args.samples).resolve().parent)
     record = evaluate(args.reference, args.samples, args.features, inception_weights=args.inception_weights,
                       out_dir=out, batch_size=args.batch_size, fp16_pr=not args.pr_fp32,
-                      fid_method=args.fid_method, use_stored_stats=not args.no_stored_stats, device=args.device)
+                      fid_method=args.fid_method, use_stored_stats=not args.no_stored_stats, device=args.device,
+                      standard_errors=args.standard_errors)
     cleanup()
     if record is not None and record.get("notes"):
         for note in record["notes"]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from runtime.names import int_at_least
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `adm inspect-shards`."""
     parser.add_argument("shards", help="folder with manifest.json, a glob, or a brace pattern")
     parser.add_argument("--grid", help="write a PNG grid of examples here")
-    parser.add_argument("--grid-count", type=int, default=64, help="examples in the grid (default 64)")
-    parser.add_argument("--grid-size", type=int, default=64, help="side of each example (ADM centre crop, default 64)")
+    parser.add_argument("--grid-count", type=int_at_least(0), default=64, help="examples in the grid (default 64)")
+    parser.add_argument("--grid-size", type=int_at_least(1), default=64, help="side of each example (ADM centre crop, default 64)")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
 
 

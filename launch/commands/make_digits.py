@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 
+from runtime.names import int_at_least
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `adm make-digits`."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("out", help="folder to write (reused as it is when made with the same options)")
-    parser.add_argument("--per-class", type=int, default=None, help="digits per class (default: all 500)")
+    parser.add_argument("--per-class", type=int_at_least(1), default=None, help="digits per class (default: all 500)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import argparse
 
+from runtime.names import int_at_least
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("shards", nargs="+", help="shard folder (with manifest.json), pattern or list")
-    parser.add_argument("--size", type=int, required=True, help="image side S (ADM centre crop)")
+    parser.add_argument("--size", type=int_at_least(1), required=True, help="image side S (ADM centre crop)")
     parser.add_argument("--out", required=True, help="reference .npz to write")
-    parser.add_argument("--num-images", type=int, default=10000, help="images stored in arr_0")
+    parser.add_argument("--num-images", type=int_at_least(1), default=10000, help="images stored in arr_0")
     parser.add_argument("--no-stats", action="store_true",
                         help="store images only; statistics are then computed from them when evaluating")
     parser.add_argument("--inception-weights", help="path of pt_inception-2015-12-05-6726825d.pth")
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0, help="decides which images go into arr_0")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=100)
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="decides which images go into arr_0")
     parser.add_argument("--device", help="torch device (default: this rank's GPU, else CPU)")
 
 

@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from runtime.names import int_at_least
+
 
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -27,16 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("train", "val"), default="train", help="names the shards (default: train)")
     parser.add_argument("--val-labels", help="label file for flat validation images (LOC_val_solution.csv, or 'NAME WNID' lines)")
     parser.add_argument("--shard-size", type=_size, default=256 << 20, help="target bytes per shard (default 256M)")
-    parser.add_argument("--samples-per-shard", type=int, help="fixed number of samples per shard instead of --shard-size")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel shard writers")
+    parser.add_argument("--samples-per-shard", type=int_at_least(1), help="fixed number of samples per shard instead of --shard-size")
+    parser.add_argument("--workers", type=int_at_least(1), default=min(8, os.cpu_count() or 1), help="parallel shard writers")
     parser.add_argument(
         "--resize-short-side",
-        type=int,
+        type=int_at_least(1),
         help="store images after ADM's BOX halvings down to short side in [S, 2S): exact for image sizes <= S",
     )
     parser.add_argument(
         "--center-crop",
-        type=int,
+        type=int_at_least(1),
         help="store ADM's centre crop at this size: exact and fastest, but only for centre crops at exactly this size",
     )
     parser.add_argument(

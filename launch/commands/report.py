@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import argparse
 
+from runtime.names import int_at_least
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("inputs", nargs="+", help="metrics.json files or folders holding them (searched recursively)")
     parser.add_argument("--out", required=True, help="folder for the report")
     parser.add_argument("--title", default="ADM evaluation report")
-    parser.add_argument("--grid-classes", type=int, default=10, help="classes (rows) per sample grid")
-    parser.add_argument("--grid-per-class", type=int, default=8, help="samples per class in a grid")
+    parser.add_argument("--grid-classes", type=int_at_least(0), default=10, help="classes (rows) per sample grid")
+    parser.add_argument("--grid-per-class", type=int_at_least(1), default=8, help="samples per class in a grid")
 
 
 def run(args) -> int:

@@ -12,6 +12,10 @@ import argparse
 
 from launch.choices import PRECISIONS, STRATEGIES
 
+# The trainer polls runtime.preemption at its step boundaries: under SLURM a signal that comes while it
+# starts up waits for its first checkpoint instead of requeueing a job that has done nothing.
+POLLS_PREEMPTION = True
+
 
 def add_common_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     """Options shared by `adm train` and `adm train-classifier`."""
@@ -26,7 +30,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--strategy", choices=STRATEGIES, default=None, help="data-parallel strategy (default ddp)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None, help="arithmetic precision (default fp32)")
     parser.add_argument("--init-from", default=None, help="start from weights: our model file, a run directory or openai:FILE")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and the memory/time plan as JSON (the plan as a table on "
+                             "stderr) and exit; nothing is allocated")
+    plan = parser.add_argument_group("dry-run plan")
+    plan.add_argument("--world-size", type=int, default=None,
+                      help="GPUs the job will run on (default: $WORLD_SIZE or $SLURM_NTASKS, else 1)")
+    plan.add_argument("--gpu", default=None, help="GPU model to plan for, e.g. H100, 'A100 40GB' "
+                      "(default: this machine's GPU, else H200)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the speed is stated at (default 0.4)")
 
 
 def run_common(args, kind: str, **extra) -> int:
@@ -41,8 +53,13 @@ def run_common(args, kind: str, **extra) -> int:
     cfg = build_config(kind, file=args.config, sets=sets, preset=args.preset, data=args.data,
                        strategy=args.strategy, precision=args.precision, init_from=args.init_from, **extra)
     if args.dry_run:
+        from launch.plan import format_plan, training_plan, world_size_from_env
+
         resolved, preset = resolve(cfg, require_data=False)
-        print(json.dumps(resolved_dict(resolved, preset), indent=2))
+        world = args.world_size if args.world_size is not None else world_size_from_env()
+        plan = training_plan(resolved, preset, world, gpu=args.gpu, mfu=args.mfu)
+        print(format_plan(plan), file=sys.stderr)
+        print(json.dumps({**resolved_dict(resolved, preset), "plan": plan}, indent=2))
         return 0
     if kind == "classifier":
         from launch.train.classifier import train_classifier as job

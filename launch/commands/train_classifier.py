@@ -14,6 +14,10 @@ import argparse
 
 from launch.commands.train import add_common_arguments, run_common
 
+# The trainer polls runtime.preemption at its step boundaries: under SLURM a signal that comes while it
+# starts up waits for its first checkpoint instead of requeueing a job that has done nothing.
+POLLS_PREEMPTION = True
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "classifier")

@@ -35,12 +35,16 @@ def to_uint8(x, rounding: str = "truncate"):
 
     `truncate` is guided-diffusion's `uint8(clamp((x + 1) * 127.5, 0, 255))`, which biases every pixel
     down by half a level on average; `round` rounds to the nearest level instead. The published
-    numbers were computed on truncated samples, so truncation is the default.
+    numbers were computed on truncated samples, so truncation is the default. Non-finite values
+    (a broken network or guidance) raise ValueError instead of becoming black pixels.
     """
     import torch
 
     if rounding not in ("truncate", "round"):
         raise ValueError(f"rounding must be 'truncate' or 'round', not {rounding!r}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("the sampler produced NaN or infinite pixels (the network's weights or the guidance "
+                         "are broken); nothing was written for these samples")
     y = (x.float() + 1.0) * 127.5
     if rounding == "round":
         y = y.round()

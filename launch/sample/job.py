@@ -109,6 +109,7 @@ class _Job:
         self.low_res = None
         if o.upsample_from is not None:
             self.low_res = NpzArray(o.upsample_from, "arr_0")
+            self.low_res.verify()  # rows are read in shard order, not as one run: check the CRC up front
             if self.low_res.ndim != 4 or self.low_res.shape[-1] != 3 or self.low_res.dtype != np.uint8:
                 raise ValueError(f"{o.upsample_from}: arr_0 must be uint8 [N, H, W, 3], got {self.low_res.dtype} "
                                  f"{self.low_res.shape}")
@@ -138,7 +139,8 @@ class _Job:
         self.sampler = GuidedSampler(model, mp, steps=o.steps, sampler=o.sampler, eta=o.eta, classifier=clf,
                                      classifier_scale=o.classifier_scale, cfg_scale=o.cfg_scale,
                                      precision=o.precision, clip_denoised=o.clip_denoised, device=self.device,
-                                     network_batch=self.network_batch)
+                                     network_batch=self.network_batch, skip_type=o.skip_type,
+                                     thresholding=o.thresholding)
         h = mp.model.image_size
         self.image_shape = (h, h, 3)
         self.num_shards = math.ceil(o.num_samples / o.shard_size)
@@ -168,6 +170,11 @@ class _Job:
             "num_samples": o.num_samples, "precision": o.precision, "rounding": o.rounding,
             "clip_denoised": o.clip_denoised,
             "upsample": o.upsample_from is not None,
+            # Only for DPM-Solver++, so that the hashes of DDPM / DDIM runs (and their resumes) stay as they were.
+            **({"dpm_solver": {"order": self.sampler.plan.order, "evaluations": self.sampler.plan.steps,
+                               "skip_type": self.sampler.plan.skip_type,
+                               "thresholding": self.sampler.plan.thresholding}}
+               if self.sampler.plan is not None else {}),
         }
 
     # ---- the plan: which shards are missing (decided by rank 0)
@@ -318,6 +325,8 @@ class _Job:
         options.update({
             "options_hash": self.hash, "samples_file": self.npz_path.name, "image_size": self.image_shape[0],
             "num_classes": self.num_classes, "sampler": self.sampler.kind, "num_steps": self.sampler.num_steps,
+            "network_evaluations": self.sampler.num_steps,
+            "skip_type": self.sampler.plan.skip_type if self.sampler.plan is not None else None,
             "classifier_scale": self.content["classifier_scale"], "labels": o.labels or self.labels.kind,
             "content": self.content, "world_size": self.info.world_size, "device": str(self.device),
             "network_batch": self.network_batch,
@@ -346,11 +355,14 @@ def sample(options: SampleOptions) -> Path:
         pending = job.plan()
         if pending is None:
             _log(info, f"{job.npz_path} is already complete")
+            if created:
+                distributed.finish()
             return job.npz_path
         _log(info, f"{options.num_samples} samples in {job.num_shards} shards of {options.shard_size}; "
                    f"{len(pending)} to compute on {info.world_size} process(es), batch {options.batch_size} "
                    f"(network batch {job.network_batch}), "
-                   f"{job.sampler.kind} {job.sampler.num_steps} steps, {options.precision} on {job.device}")
+                   f"{job.sampler.kind} {job.sampler.num_steps} "
+                   f"{'evaluations' if job.sampler.plan is not None else 'steps'}, {options.precision} on {job.device}")
         t0 = time.perf_counter()
         job.compute(pending)
         seconds = time.perf_counter() - t0
@@ -368,6 +380,8 @@ def sample(options: SampleOptions) -> Path:
         if status != "ok":
             raise RuntimeError(status)
         _log(info, f"wrote {job.npz_path} ({options.num_samples} samples)")
+        if created:
+            distributed.finish()  # every rank ends in step: no teardown under a peer's last collective
         return job.npz_path
     finally:
         if created:

@@ -14,7 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from launch.choices import COMPILE_MODES, PRECISIONS, SAMPLERS, default_sampler
+from runtime.npz import npz_keys, read_array, read_npy
+from launch.choices import COMPILE_MODES, PRECISIONS, SAMPLERS, SKIP_TYPES, default_sampler, dpm_solver_steps
 
 NOISE_STREAM, LABEL_STREAM, UPSAMPLE_NOISE_STREAM, BALANCED_STREAM = 0, 1, 2, 3
 RUN_FILE = "run.json"  # in OUT/shards: the options hash the shards were made with
@@ -29,8 +30,11 @@ class SampleOptions:
 
     `model` / `classifier`: our model file, `openai:FILE` (a released checkpoint; `preset` names its
     configuration when the file name does not) or a training run directory.
-    `steps`: the timestep respacing ("250", "ddim25", "10,10,10"; "" = all training steps).
-    `sampler`: "ddpm" (ancestral) or "ddim"; None picks ddim when steps start with "ddim".
+    `steps`: the timestep respacing ("250", "ddim25", "10,10,10"; "" = all training steps), or
+    "dpm++2m-N" / "dpm++1-N": DPM-Solver++ of order 2 / 1 in N network evaluations.
+    `sampler`: "ddpm" (ancestral), "ddim" or "dpm++"; None: the one `steps` implies
+    (launch.choices.default_sampler). `skip_type` (DPM-Solver++ time grid: time_uniform (None),
+    logSNR, time_quadratic) and `thresholding` (dynamic thresholding of x0) apply to DPM-Solver++ only.
     `classifier_scale`: None = 1.0 with a classifier (guided-diffusion's default), else 0; a number
     or a schedule string ("linear:START:END", see diffusion_core.guidance).
     `cfg_scale`: classifier-free guidance weight w (eps_u + w (eps_c - eps_u)); None = off.
@@ -49,6 +53,8 @@ class SampleOptions:
     steps: str = "250"
     sampler: str | None = None
     eta: float = 0.0
+    skip_type: str | None = None
+    thresholding: bool = False
     preset: str | None = None
     classifier: str | None = None
     classifier_preset: str | None = None
@@ -85,8 +91,14 @@ def check_options(o: SampleOptions) -> None:
         raise ValueError(f"shard_size must be >= 1, got {o.shard_size}")
     if o.sampler is not None and o.sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {o.sampler!r}")
-    if o.eta < 0:
-        raise ValueError(f"eta must be >= 0, got {o.eta}")
+    _check_sampler(o)
+    if not (isinstance(o.eta, (int, float)) and 0 <= o.eta <= 1):  # also refuses NaN
+        raise ValueError(f"eta must lie in [0, 1] (0: DDIM, 1: DDPM-like noise), got {o.eta}")
+    if int(o.seed) < 0:
+        raise ValueError(f"seed must be >= 0, got {o.seed}")
+    for name in ("classifier_scale", "cfg_scale"):
+        if getattr(o, name) is not None:
+            check_scale(getattr(o, name), name)
     if o.eta != 0 and sampler_kind(o) != "ddim":
         raise ValueError(f"eta={o.eta} only applies to DDIM; use --sampler ddim (or steps 'ddimN')")
     if o.precision not in PRECISIONS:
@@ -103,6 +115,44 @@ def check_options(o: SampleOptions) -> None:
         raise FileNotFoundError(f"--upsample-from {o.upsample_from}: no such file; give the .npz of the base stage")
     if o.classifier_scale is not None and o.classifier is None and _nonzero_scale(o.classifier_scale):
         raise ValueError(f"classifier_scale={o.classifier_scale} needs a classifier: add --classifier")
+
+
+MAX_GUIDANCE_SCALE = 1000.0  # the paper's scales are 0.5..10; far beyond, float32 guidance overflows
+
+
+def check_scale(value, name: str) -> None:
+    """A guidance scale or schedule whose every number is finite and within +-MAX_GUIDANCE_SCALE."""
+    from diffusion_core.guidance import GuidanceInterval, GuidanceSchedule, parse_guidance_scale
+
+    try:
+        todo, numbers = [parse_guidance_scale(value)], []
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    while todo:
+        item = todo.pop()
+        if isinstance(item, (int, float)):
+            numbers.append(float(item))
+        elif isinstance(item, GuidanceSchedule):
+            numbers += [float(item.start)] + ([float(item.end)] if item.end is not None else [])
+        elif isinstance(item, GuidanceInterval):
+            todo.append(item.scale)
+            if item.outside is not None:
+                numbers.append(float(item.outside))
+    for number in numbers:
+        if abs(number) > MAX_GUIDANCE_SCALE:
+            raise ValueError(f"{name}={value!r}: scales must lie within +-{MAX_GUIDANCE_SCALE:g}, got {number:g}")
+
+
+def _check_sampler(o: SampleOptions) -> None:
+    kind = sampler_kind(o)
+    if kind == "dpm++":
+        dpm_solver_steps(o.steps)
+    elif default_sampler(o.steps) == "dpm++":
+        raise ValueError(f"steps {o.steps!r} are DPM-Solver++ steps but the sampler is {kind!r}: drop --sampler")
+    if kind != "dpm++" and (o.skip_type is not None or o.thresholding):
+        raise ValueError("--skip-type and --thresholding apply to DPM-Solver++ only (--steps dpm++2m-N)")
+    if o.skip_type is not None and o.skip_type not in SKIP_TYPES:
+        raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {o.skip_type!r}")
 
 
 def sampler_kind(o: SampleOptions) -> str:
@@ -205,11 +255,14 @@ def read_label_file(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"labels file {path} not found; --labels takes uniform, balanced or a file")
+    # runtime.npz checks declared sizes (a forged header cannot allocate terabytes) and the zip CRC.
     if path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
+        arr = read_npy(path)
     elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            arr = z["arr_1"] if "arr_1" in z.files else z[z.files[0]]
+        keys = npz_keys(path)
+        if not keys:
+            raise ValueError(f"labels file {path} holds no arrays")
+        arr = read_array(path, "arr_1" if "arr_1" in keys else keys[0])
     else:
         try:
             arr = np.loadtxt(path, dtype=np.int64, ndmin=1)

@@ -16,8 +16,10 @@ leaves at most a `.tmp-*` folder that the next run deletes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -29,6 +31,7 @@ import torch
 
 from runtime.files import atomic_torch_save, atomic_write_json, fsync_dir
 from runtime.distributed import barrier
+from runtime.safe_load import RefusedFile, dcp_load, forced_weights_only, load_torch_file
 
 FORMAT = "adm-train-checkpoint/1"
 PREFIX = "step_"
@@ -75,8 +78,15 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def read_meta(folder: Path) -> dict:
-    """meta.json of a checkpoint folder."""
-    return json.loads((Path(folder) / "meta.json").read_text())
+    """meta.json of a checkpoint folder (ValueError naming it when it is not a JSON mapping)."""
+    path = Path(folder) / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): a damaged checkpoint") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a checkpoint's meta.json (holds {type(meta).__name__})")
+    return meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,13 +179,13 @@ class CheckpointManager:
         and data positions cannot be mapped onto a different set of ranks).
         """
         meta = read_meta(folder)
-        if meta.get("format") != FORMAT:
+        if meta.get("format") != FORMAT or not isinstance(meta.get("world_size"), int):
             raise ValueError(f"{folder} is not a training checkpoint of this code (format {meta.get('format')!r})")
         strategy.load(folder, ema, meta)
-        trainer_state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+        trainer_state = load_torch_file(folder / "trainer.pt", "training checkpoint")
         rank_state = None
         if meta["world_size"] == self.world_size:
-            rank_state = torch.load(folder / f"rank_{self.rank:05d}.pt", map_location="cpu", weights_only=True)
+            rank_state = load_torch_file(folder / f"rank_{self.rank:05d}.pt", "training checkpoint")
         return trainer_state, rank_state, meta
 
 
@@ -188,7 +198,24 @@ def read_run_config(run_dir: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run directory (no config.json); "
                                 "pass the --run-dir of `adm train` / `adm train-classifier`")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("preset"), dict):
+        raise ValueError(f"{path} is not a training run's config (no 'preset' mapping)")
+    return config
+
+
+def read_run_preset(run_dir: Path):
+    """The Preset a run trains (from RUN/config.json); ValueError naming the file when it is damaged."""
+    from diffusion_core.presets import Preset
+
+    try:
+        return Preset.from_dict(read_run_config(Path(run_dir))["preset"])
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{Path(run_dir) / 'config.json'} does not describe a model "
+                         f"({type(err).__name__}: {err})") from None
 
 
 def _empty_like_module(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -196,12 +223,10 @@ def _empty_like_module(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _load_dcp(folder: Path, key: str, target: dict) -> dict:
-    import torch.distributed.checkpoint as dcp
-
     wrapped = {key: target}
     with warnings.catch_warnings():  # reading in one process is the point here
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(wrapped, checkpoint_id=str(folder / "state"), no_dist=True)
+        dcp_load(wrapped, folder / "state", no_dist=True)
     return wrapped[key]
 
 
@@ -234,9 +259,47 @@ def _model_weights(folder: Path, meta: dict, module, template: dict) -> dict[str
     if meta.get("strategy") == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        full = get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag="ds")
+        with deepspeed_safe_loading(folder / "deepspeed"):
+            full = get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag="ds")
+        missing = sorted(set(template) - set(full))
+        if missing:
+            raise ValueError(f"{folder / 'deepspeed'} lacks weights of this model: {', '.join(missing[:5])}")
         return {k: full[k].float() for k in template}
     return _load_dcp(folder, "model", template)
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed's own checkpoint files, weights-only
+
+def deepspeed_safe_globals() -> list:
+    """The DeepSpeed records its checkpoints pickle besides tensors and plain data (all inert
+    dataclass-like values: loss-scaler settings, the ZeRO stage, fragment addresses)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def deepspeed_safe_loading(folder: Path):
+    """Every torch.load DeepSpeed makes in this block is weights-only; a refusal names the file."""
+    allowed = deepspeed_safe_globals()
+    try:
+        with forced_weights_only(allowed):
+            yield
+    except pickle.UnpicklingError:
+        # DeepSpeed's error does not say which file: find it (only on this failure path).
+        for path in sorted(Path(folder).rglob("*.pt")):
+            load_torch_file(path, "DeepSpeed checkpoint file", allowed)
+        raise RefusedFile(f"{folder}: refused to load a DeepSpeed checkpoint file (it asks for objects "
+                          "that are not plain data; see docs/security.md)") from None
+
+
+def load_deepspeed_checkpoint(engine, folder: Path, tag: str) -> None:
+    """`engine.load_checkpoint(folder, tag)` with DeepSpeed's files read weights-only."""
+    with deepspeed_safe_loading(folder):
+        engine.load_checkpoint(str(folder), tag=tag, load_lr_scheduler_states=False)
 
 
 def load_model_from_run(run_dir: str | os.PathLike, ema_rate: float | None = None, step: int | None = None):
@@ -246,11 +309,9 @@ def load_model_from_run(run_dir: str | os.PathLike, ema_rate: float | None = Non
     classifier by default) gives its trained weights. Reads sharded checkpoints in one process.
     """
     from diffusion_core.openai_compat import load_openai_state_dict
-    from diffusion_core.presets import Preset
 
     run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    preset = Preset.from_dict(config["preset"])
+    preset = read_run_preset(run_dir)
     folder = checkpoint_at(run_dir, step)
     with torch.device("meta"):
         module = preset.build()

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from runtime.names import check_number, parse_error_line
 from launch.choices import PRECISIONS, STRATEGIES
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -27,7 +28,7 @@ TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 RESUMABLE_FIELDS = frozenset({
     "total_steps", "log_every", "save_every", "keep_last", "sample_every", "sample_steps",
     "sample_count", "num_workers", "compile", "eval_every", "eval_batches", "max_nonfinite_steps",
-    "allow_slow_precision", "progress", "strategy", "fsdp_shard_size", "skip_bad_shards",
+    "allow_slow_precision", "progress", "strategy", "fsdp_shard_size", "skip_bad_shards", "preempt_check_every",
 })
 
 
@@ -75,6 +76,7 @@ class TrainConfig:
     save_every: int = 5000
     keep_last: int = 3
     progress: bool = True  # tqdm bar when stderr is a terminal
+    preempt_check_every: int = 10  # steps between the ranks' agreements on a stop signal (fewer when steps are slow)
 
     kind: typing.ClassVar[str] = "diffusion"
 
@@ -236,22 +238,36 @@ def read_config_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist; pass an existing .yaml, .toml or .json file")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not text ({err})") from None
     suffix = path.suffix.lower()
     if suffix == ".toml":
         import tomllib
 
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {path} is not valid TOML: {err}") from None
     elif suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config file {path} is not valid JSON: {err}") from None
     elif suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path} is not valid YAML: {parse_error_line(err)}") from None
     else:
         raise ValueError(f"config file {path} must end in .yaml, .yml, .toml or .json")
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of config keys, not {type(data).__name__}")
     # A saved RUN/config.json holds the resolved preset too; only the training keys are inputs.
     data = data.get("train", data)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: 'train' must hold a mapping of config keys")
     return data
 
 
@@ -277,6 +293,10 @@ def build_config(kind: str, file: str | None = None, sets: list[str] | None = No
     values: dict[str, Any] = {}
     if file:
         for key, value in read_config_file(file).items():
+            if key in ("data", "val_data") and "pipe:" in str(value):
+                # A pipe: source runs a shell command; a shared config file must not be able to.
+                raise ValueError(f"config file {file}: {key}={value!r} runs a shell command (pipe:); config files "
+                                 f"may come from others, so give such a source on the command line (--data)")
             _apply(values, cls, key, value)
     for key, value in explicit.items():
         if value is not None:
@@ -299,6 +319,13 @@ def resolve(config: TrainConfig, require_data: bool = True):
         close = difflib.get_close_matches(config.preset, presets.names(), n=3)
         raise ValueError(f"unknown preset {config.preset!r}; choose one of {', '.join(presets.names())}"
                          + (f" (did you mean {close[0]}?)" if close else ""))
+    for key, value in config.model.items():
+        try:
+            number = float(value) if isinstance(value, (float, str)) else None
+        except ValueError:
+            number = None
+        if number is not None:  # 'nan' arrives as a string from YAML
+            check_number(number, f"model.{key}", *((0.0, 1.0) if key.endswith("dropout") else ()))
     try:
         preset = presets.get(config.preset, **config.model)
     except (TypeError, KeyError) as err:
@@ -335,7 +362,8 @@ def validate(cfg: TrainConfig, require_data: bool = True) -> None:
     choice("lr_schedule", LR_SCHEDULES)
     if isinstance(cfg, DiffusionTrainConfig):
         choice("timestep_sampler", TIMESTEP_SAMPLERS)
-    for name in ("batch_size", "grad_accum", "total_steps", "log_every", "save_every", "keep_last"):
+    for name in ("batch_size", "grad_accum", "total_steps", "log_every", "save_every", "keep_last",
+                 "preempt_check_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.zero_stage not in (0, 1, 2, 3):
@@ -343,10 +371,22 @@ def validate(cfg: TrainConfig, require_data: bool = True) -> None:
     for rate in cfg.ema_rates:
         if not 0.0 < rate < 1.0:
             raise ValueError(f"EMA rates must lie in (0, 1), got {rate} in ema_rates={cfg.ema_rates}")
-    if cfg.lr <= 0:
-        raise ValueError(f"lr must be positive, got {cfg.lr}")
-    if cfg.warmup_steps < 0 or cfg.grad_clip < 0 or cfg.ema_halflife_kimg < 0:
-        raise ValueError("warmup_steps, grad_clip and ema_halflife_kimg must be >= 0")
+    # Every number finite and in range: NaN passes `x <= 0` checks and poisons training silently.
+    check_number(cfg.lr, "lr", 0.0, low_open=True)
+    check_number(cfg.weight_decay, "weight_decay", 0.0)
+    check_number(cfg.adam_eps, "adam_eps", 0.0, low_open=True)
+    for beta in cfg.adam_betas:
+        check_number(beta, "adam_betas", 0.0, 1.0)
+        if beta == 1.0:
+            raise ValueError(f"adam_betas must lie in [0, 1), got {cfg.adam_betas}")
+    for name in ("grad_clip", "ema_halflife_kimg", "loss_scale_init", "loss_scale_floor"):
+        check_number(getattr(cfg, name), name, 0.0)
+    for name in ("warmup_steps", "fsdp_shard_size", "num_workers", "seed", "sample_every", "eval_every", "eval_batches"):
+        if getattr(cfg, name, 0) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("loss_scale_window", "sample_steps", "sample_count"):
+        if getattr(cfg, name, 1) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if not 0 < cfg.loss_scale_floor <= cfg.loss_scale_init:
         raise ValueError(f"need 0 < loss_scale_floor ({cfg.loss_scale_floor}) <= loss_scale_init ({cfg.loss_scale_init})")
     if cfg.max_nonfinite_steps < 1:

@@ -3,8 +3,8 @@
 Each EMA mirrors the tensors the strategy trains on this rank: the whole parameter under DDP and
 DeepSpeed ZeRO-1/2, the local shard under FSDP2 (the EMA tensor is a DTensor with the parameter's
 placement, so it is saved and resharded by torch.distributed.checkpoint like the parameter) and the
-local partition under ZeRO-3. The trainer calls `update()` only after an optimizer step that was
-applied (not on accumulation micro-steps, not on a skipped fp16 overflow step).
+local partition under ZeRO-3. The trainer calls `update()` once per optimizer step (not on accumulation micro-steps) with
+whether the step was applied: a skipped fp16 overflow step leaves the EMA unchanged.
 """
 from __future__ import annotations
 
@@ -39,8 +39,12 @@ class EMA:
         return bool(self.rates)
 
     @torch.no_grad()
-    def update(self, sources: dict[str, torch.Tensor]) -> None:
-        """shadow <- rate * shadow + (1 - rate) * source, for every rate."""
+    def update(self, sources: dict[str, torch.Tensor], applied: torch.Tensor | None = None) -> None:
+        """shadow <- rate * shadow + (1 - rate) * source, for every rate.
+
+        `applied` (a 0-d device tensor, 1 or 0) is whether the optimizer step was applied: a
+        skipped step leaves the EMA as it is, decided on the device without reading the flag.
+        """
         if not self.rates:
             return
         src = [_local(sources[k]) for k in self.param_names]
@@ -48,7 +52,11 @@ class EMA:
             src = [s.float() for s in src]
         for name, rate in zip(self.names, self.rates):
             dst = [_local(self.shadows[name][k]) for k in self.param_names]
-            torch._foreach_lerp_(dst, src, 1.0 - rate)
+            if applied is None:
+                torch._foreach_lerp_(dst, src, 1.0 - rate)
+            else:
+                weight = applied.to(device=dst[0].device, dtype=torch.float32) * (1.0 - rate)
+                torch._foreach_lerp_(dst, src, [weight] * len(dst))
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """{ema name: {parameter name: tensor}} (the live tensors: DCP saves and loads in place)."""

@@ -13,8 +13,7 @@ import torch
 
 from runtime.files import atomic_torch_save
 from diffusion_core.openai_compat import load_openai_state_dict, to_openai_state_dict
-from diffusion_core.presets import Preset
-from launch.train.checkpointing import checkpoint_at, checkpoint_weights, read_meta, read_run_config
+from launch.train.checkpointing import checkpoint_at, checkpoint_weights, read_meta, read_run_preset
 from launch.model_io import save_model_file
 
 
@@ -26,7 +25,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     weights. Works in one process for every strategy (DCP shards and DeepSpeed checkpoints).
     """
     run_dir = Path(run_dir)
-    preset = Preset.from_dict(read_run_config(run_dir)["preset"])
+    preset = read_run_preset(run_dir)
     folder = checkpoint_at(run_dir, step)
     meta = read_meta(folder)
     with torch.device("meta"):

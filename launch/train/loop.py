@@ -9,6 +9,10 @@ precision, the data stream, checkpoints, preemption and logging. One optimizer s
         backward(loss * loss_scale / grad_accum)            # gradient sync on the last one only
     unscale, check finite on all ranks, clip, optimizer step (skipped if not finite)
     EMA update (only after an applied step)
+
+Nothing in a steady-state step waits for the device: finiteness, clipping, the loss scale, the
+skip decision and the EMA gate are device tensors, and the metrics, gradient norms and the
+non-finite guard are read once per `log_every` steps (tests/launch/test_host_syncs.py counts this).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import json
 import math
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +35,11 @@ from launch.train import config as config_mod
 from runtime import distributed
 from launch.train.checkpointing import CheckpointManager, latest_checkpoint, rng_state, set_rng_state
 from launch.train.ema import EMA
-from launch.precision import LossScaler, autocast, check_supported
+from launch.precision import DTYPES, LossScaler, autocast, check_supported
 from launch.train.strategies import build_strategy
 from launch.train.tb_logging import MetricWindow, RunLogger, format_metrics
-from launch.train.perf import Throughput, flops_per_image, peak_flops, peak_memory_gb
+from launch.train.perf import Throughput, flops_per_image, measured_matmul_peak, peak_flops, peak_memory_gb
+from launch.train.stop_poll import StopPoll
 
 
 
@@ -55,37 +61,49 @@ def rank_seed(seed: int, rank: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + 1) % (2 ** 63)
 
 
-def prepare_run_dir(run_dir: Path, resolved: dict, rank: int) -> bool:
-    """Check RUN/config.json against this run's config (every rank), then (rank 0) write it.
+def check_run_dir(run_dir: Path, resolved: dict) -> bool:
+    """Compare RUN/config.json with this run's config (read only); returns whether a run was there.
 
-    Returns True when the directory already held a run. Fields that a resume may change
-    (config.RESUMABLE_FIELDS) are updated; any other difference is a ValueError naming them.
+    Fields that a resume may change (config.RESUMABLE_FIELDS) may differ; any other difference is a
+    ValueError naming them.
     """
     path = run_dir / "config.json"
-    existed = path.is_file()
-    if existed:
-        saved = json.loads(path.read_text())
-        diffs = config_mod.diff_configs(saved, resolved)
-        if diffs:
-            raise ValueError(
-                f"run directory {run_dir} holds a run with a different config ({len(diffs)} field(s)): "
-                + "; ".join(diffs) + f". Use another --run-dir, or rerun with the saved config ({path})")
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text())
+    diffs = config_mod.diff_configs(saved, resolved)
+    if diffs:
+        raise ValueError(
+            f"run directory {run_dir} holds a run with a different config ({len(diffs)} field(s)): "
+            + "; ".join(diffs) + f". Use another --run-dir, or rerun with the saved config ({path})")
+    return True
+
+
+def write_run_config(run_dir: Path, resolved: dict, rank: int) -> None:
+    """Rank 0 writes RUN/config.json (a collective: every rank calls it)."""
     distributed.barrier()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, resolved)
+        atomic_write_json(run_dir / "config.json", resolved)
     distributed.barrier()
+
+
+def prepare_run_dir(run_dir: Path, resolved: dict, rank: int) -> bool:
+    """`check_run_dir`, then `write_run_config`; returns True when the directory already held a run."""
+    existed = check_run_dir(run_dir, resolved)
+    write_run_config(run_dir, resolved, rank)
     return existed
 
 
-def check_data(shards) -> None:
-    """Fail before building anything when the training shards are missing or empty."""
+def check_data(shards) -> int:
+    """Fail before building anything when the training shards are missing or empty; returns their class count."""
     from data.shards import resolve_shards
 
     found = resolve_shards(shards)  # FileNotFoundError / ValueError naming the problem
     if found.counts and sum(found.counts.values()) == 0:
         raise ValueError(f"training data {shards} holds no samples (its manifest counts 0 in every shard); "
                          "re-create the shards with `adm prepare-imagenet`")
+    return len(found.classes)
 
 
 class Trainer:
@@ -102,11 +120,12 @@ class Trainer:
                              f"{world} x {cfg.grad_accum}; change batch_size or grad_accum")
         self.micro_batch = cfg.batch_size // (world * cfg.grad_accum)
         check_supported(cfg.precision, self.device, cfg.allow_slow_precision)
-        check_data(cfg.data)
+        self._check_labels(check_data(cfg.data))
         self._set_determinism()
-        prepare_run_dir(self.run_dir, self.resolved, info.rank)
+        # Nothing is written into the run directory until everything below accepted this config:
+        # a refused run must not leave a config.json that refuses the corrected command.
+        check_run_dir(self.run_dir, self.resolved)
         self.ckpt = CheckpointManager(self.run_dir, info.rank, world, cfg.keep_last)
-        self.ckpt.clean_partial()
         resume_from = latest_checkpoint(self.run_dir)
 
         # Identical initial weights on every rank, then per-rank randomness.
@@ -122,7 +141,8 @@ class Trainer:
         self.ema = EMA(self.strategy.ema_sources(), config_mod.ema_rates_of(cfg))
         self.scaler = LossScaler(dynamic=cfg.precision == "fp16" and cfg.strategy != "deepspeed",
                                  init_scale=cfg.loss_scale_init, floor=cfg.loss_scale_floor,
-                                 growth_interval=cfg.loss_scale_window, max_nonfinite=cfg.max_nonfinite_steps)
+                                 growth_interval=cfg.loss_scale_window, max_nonfinite=cfg.max_nonfinite_steps,
+                                 device=self.device)
         self.objective = objective_cls(self)
         self.step = 0
         self.images_seen = 0
@@ -132,16 +152,19 @@ class Trainer:
         if resume_from is not None:
             loader_state, data_seed = self._resume(resume_from)
         self.loader = self.objective.make_loader(cfg.data, self.micro_batch, data_seed, train=True)
-        self._check_labels(self.loader.num_classes)
         if loader_state is not None:
             self.loader.load_state_dict(loader_state)
         self.batches = iter(self.loader)
+        # The config is accepted: from here on the run directory is written.
+        write_run_config(self.run_dir, self.resolved, info.rank)
+        self.ckpt.clean_partial()
         self.logger = RunLogger(self.run_dir, info.rank, self.step, cfg.total_steps, cfg.progress)
         for line in self.logger_lines:
             self.logger.line(line)
         self.window = MetricWindow(self.objective.metric_names, self.objective.num_timesteps, self.device)
         self.signals = preemption.watch()
-        self._grad_norms: list[float] = []
+        # Sum and count of the applied steps' gradient norms since the last log (on the device).
+        self._grad_norm_acc = torch.zeros(2, dtype=torch.float64, device=self.device)
         self._throughput = None
 
     # -- set-up helpers -----------------------------------------------------------------------
@@ -237,8 +260,9 @@ class Trainer:
         labels = batch["labels"].to(self.device, non_blocking=True)
         return images, labels
 
-    def train_step(self) -> bool:
-        """One optimizer step over grad_accum micro-batches; returns whether it was applied."""
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns whether it was applied (a 0-d
+        device tensor, 1.0 or 0.0: reading it waits for the device)."""
         cfg = self.cfg
         for micro in range(cfg.grad_accum):
             images, labels = self.next_batch()
@@ -248,10 +272,11 @@ class Trainer:
                 self.strategy.backward(out["loss"], self.scaler, cfg.grad_accum)
             self.window.add(out["t"], out["metrics"])
             self.objective.after_micro_step(out)
-        applied, norm = self.strategy.step(lr_at(cfg, self.step), self.scaler, cfg.grad_clip)
-        if applied:
-            self.ema.update(self.strategy.ema_sources())
-            self._grad_norms.append(norm)
+        found_inf, norm = self.strategy.step(lr_at(cfg, self.step), self.scaler, cfg.grad_clip)
+        applied = 1.0 - found_inf
+        self.ema.update(self.strategy.ema_sources(), applied)
+        counted = applied.bool() & torch.isfinite(norm)
+        self._grad_norm_acc += torch.stack([torch.where(counted, norm, 0.0), counted.to(norm.dtype)]).to(self._grad_norm_acc)
         return applied
 
     # -- the loop -----------------------------------------------------------------------------
@@ -261,6 +286,8 @@ class Trainer:
         Raises `Preempted` after writing a checkpoint when SIGTERM/SIGUSR1/SIGUSR2 arrived.
         """
         cfg, info = self.cfg, self.info
+        self.stop_poll = StopPoll(cfg.preempt_check_every, self.device)
+        self._saved_step, self._longest_save_s, self._training_on = self.step, 0.0, False
         self._start_throughput()
         self.logger.line(f"{cfg.kind} training: preset {self.preset.name}, {self._param_count():,} parameters, "
                          f"strategy {cfg.strategy}, precision {cfg.precision}, world size {info.world_size}, "
@@ -277,9 +304,15 @@ class Trainer:
                 self.logger.advance(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
                     self._log()
-                self.objective.periodic(self.step, final=self.step == cfg.total_steps)
-                stop = preemption.requested_everywhere()
-                if self.step % cfg.save_every == 0 or self.step == cfg.total_steps or stop:
+                final = self.step == cfg.total_steps
+                self.objective.periodic(self.step, final=final)
+                save_due = self.step % cfg.save_every == 0 or final
+                # A host-side flag, agreed by the ranks only at check steps (launch/train/stop_poll.py).
+                stop = self.stop_poll.agree(self.step) if self.stop_poll.due(self.step, save_due) else None
+                stop = stop if not final else None  # a finished run just ends
+                if stop == "requeue" and self._train_on_after_requeue_signal():
+                    stop = None
+                if (save_due or stop) and self._saved_step != self.step:
                     self.save()
                 if stop:
                     sig = preemption.signal_name()
@@ -292,12 +325,29 @@ class Trainer:
             self.logger.close()
             self.signals.uninstall()
 
+    def _train_on_after_requeue_signal(self) -> bool:
+        """After an agreed requeue (time-limit) signal: checkpoint the progress at once, then keep
+        training while every rank's Guard leaves time for another check interval and two checkpoint
+        writes before it forces the requeue; returns whether to train on (agreed by all ranks).
+
+        Without a Guard (torchrun, a plain process) there is no such time: the run stops here.
+        """
+        if not self._training_on and self._saved_step != self.step:
+            self.save()
+        reserve = 2.0 * self._longest_save_s + self.stop_poll.seconds_between_checks + 5.0
+        spare = self.stop_poll.time_to_spare(reserve)
+        if spare and not self._training_on:
+            self.logger.line(f"requeue signal ({preemption.signal_name()}) at step {self.step}: checkpoint written; "
+                             "training on while the time before the requeue allows")
+        self._training_on = spare
+        return spare
+
     def _param_count(self) -> int:
         # DTensor.numel() is the global size; ZeRO-3 keeps the full size in ds_numel.
         return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in self.strategy.params)
 
     def _start_throughput(self) -> None:
-        flops, peak, source = 0.0, 0.0, ""
+        flops, peak, measured, source = 0.0, 0.0, 0.0, ""
         if self.info.rank == 0:
             # Measuring draws random tensors: keep the training RNG where a resumed run expects it.
             devices = [self.device] if self.device.type == "cuda" else []
@@ -305,19 +355,28 @@ class Trainer:
                 with torch.random.fork_rng(devices=devices):
                     flops = float(flops_per_image(self.preset, self.device))
                     peak, source = peak_flops(self.device, self.cfg.precision)
+                    measured = peak if source.startswith("measured") else measured_matmul_peak(
+                        self.device, DTYPES[self.cfg.precision])
             except Exception as err:  # MFU is a diagnostic: never fail a run over it
                 self.logger.line(f"MFU unavailable: {err}")
+                flops = 0.0
             if flops:
                 self.logger.line(f"{flops / 1e9:.3f} GFLOP per training image (forward + backward); "
-                                 f"peak {peak / 1e12:.3f} TFLOP/s per device ({source})")
+                                 f"peak {peak / 1e12:.3f} TFLOP/s per device ({source}); measured matmul "
+                                 f"{measured / 1e12:.3f} TFLOP/s ({measured / peak:.0%} of the peak)")
+                self.logger.scalars(self.step, {"peak_tflops": peak / 1e12, "measured_matmul_tflops": measured / 1e12,
+                                                "gflop_per_image": flops / 1e9}, prefix="perf")
         self._throughput = Throughput(flops, peak, self.info.world_size)
 
     def _log(self) -> None:
+        # The one place a step's results are read back (besides checkpoints): every log_every steps.
+        self.scaler.check()
         values = self.window.reduce(self.device)
         perf = self._throughput.read()
-        norms = [n for n in self._grad_norms if math.isfinite(n)]
+        norm_sum, norm_count = self._grad_norm_acc.tolist()
+        self._grad_norm_acc.zero_()
         values.update(
-            grad_norm=float(np.mean(norms)) if norms else float("nan"),
+            grad_norm=norm_sum / norm_count if norm_count else float("nan"),
             lr=lr_at(self.cfg, self.step - 1),
             loss_scale=self._loss_scale(),
             skipped_steps=float(self.scaler.skipped_total),
@@ -326,7 +385,6 @@ class Trainer:
             peak_memory_gb=peak_memory_gb(self.device),
             images_seen=float(self.images_seen),
         )
-        self._grad_norms = []
         self.logger.scalars(self.step, values)
         self.logger.line(format_metrics(self.step, values, self.objective.log_keys + (
             "grad_norm", "lr", "loss_scale", "images_per_s", "mfu", "peak_memory_gb")))
@@ -340,6 +398,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (a collective)."""
+        self.scaler.check()  # a diverged run stops before it writes a checkpoint
         trainer_state = {
             "step": self.step,
             "images_seen": self.images_seen,
@@ -351,7 +410,10 @@ class Trainer:
         meta = {"strategy": self.cfg.strategy, "zero_stage": self.cfg.zero_stage if self.cfg.strategy == "deepspeed" else None,
                 "kind": self.cfg.kind, "preset": self.preset.name, "ema_names": list(self.ema.names),
                 "images_seen": self.images_seen}
+        started = time.monotonic()
         folder = self.ckpt.save(self.step, self.strategy, self.ema, trainer_state, rank_state, meta)
+        self._saved_step = self.step
+        self._longest_save_s = max(getattr(self, "_longest_save_s", 0.0), time.monotonic() - started)
         self.logger.line(f"checkpoint {folder}")
         return folder
 
@@ -376,9 +438,15 @@ def run(cfg, preset, run_dir: str | os.PathLike, objective_cls) -> int:
     info = distributed.setup()
     try:
         trainer = Trainer(cfg, preset, run_dir, objective_cls, info)
-        return trainer.fit()
+        try:
+            step = trainer.fit()
+        except Preempted:
+            distributed.finish()  # every rank stopped after the same step
+            raise
+        distributed.finish()
+        return step
     finally:
         distributed.cleanup()
 
 
-__all__ = ["Trainer", "run", "lr_at", "rank_seed", "Preempted", "prepare_run_dir"]
+__all__ = ["Trainer", "run", "lr_at", "rank_seed", "Preempted", "prepare_run_dir", "check_run_dir", "write_run_config"]

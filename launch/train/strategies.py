@@ -4,7 +4,8 @@ DeepSpeed ZeRO 0-3, behind one small interface the trainer uses:
     strategy.forward                  the callable to run the model with (wrapped / compiled)
     with strategy.micro_step(last):   one accumulation micro-step (gradient sync only when `last`)
         strategy.backward(loss)
-    applied, gnorm = strategy.step(lr, scaler, grad_clip)   once per optimizer step
+    found_inf, gnorm = strategy.step(lr, scaler, grad_clip)   once per optimizer step; both are
+                                      device tensors (nothing in a step waits for the device)
     strategy.ema_sources()            the tensors EMA mirrors on this rank (param, shard or partition)
     strategy.save(folder, ema) / strategy.load(folder, ema)  model + optimizer + EMA
 
@@ -28,8 +29,9 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from runtime.distributed import DistInfo, free_port, peers
+from runtime.safe_load import dcp_load
 from launch.train.ema import EMA
-from launch.precision import LossScaler, clip_grads_, grad_norm
+from launch.precision import LossScaler, apply_optimizer_step
 
 
 def ensure_process_group(info: DistInfo) -> None:
@@ -44,11 +46,17 @@ def ensure_process_group(info: DistInfo) -> None:
 
 
 def make_optimizer(params, cfg) -> torch.optim.Optimizer:
-    """AdamW with the config's betas, eps and weight decay (lr is set by the trainer every step)."""
+    """AdamW with the config's betas, eps and weight decay (lr is set by the trainer every step).
+
+    The fused kernel where torch has one for the parameters' device (CUDA, CPU, ...): it unscales
+    and skips an overflowing step on the device (`launch.precision.apply_optimizer_step`).
+    """
+    params = list(params)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    if torch.cuda.is_available():
-        kwargs["fused"] = True
-    return torch.optim.AdamW(params, **kwargs)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except RuntimeError:  # no fused kernel for this device: the step reads its finiteness flag
+        return torch.optim.AdamW(params, **kwargs)
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -131,7 +139,8 @@ class TorchStrategy:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [info.device.index] if info.device.type == "cuda" else None
-            wrapped = DDP(self.module, device_ids=ids)
+            # Gradients as views of the all-reduce buckets: saves one float32 copy of the model.
+            wrapped = DDP(self.module, device_ids=ids, gradient_as_bucket_view=True)
         self._wrapped = wrapped
         self.forward = torch.compile(wrapped) if cfg.compile else wrapped
         self.optimizer = make_optimizer(self.module.parameters(), cfg)
@@ -157,22 +166,19 @@ class TorchStrategy:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, scaler: LossScaler, grad_accum: int) -> None:
-        (loss * (scaler.scale / grad_accum)).backward()
+        (loss * (scaler.scale_tensor / grad_accum)).backward()
 
-    def step(self, lr: float, scaler: LossScaler, grad_clip: float) -> tuple[bool, float]:
-        """Unscale, check, clip and apply the gradients; returns (applied, grad norm)."""
-        params = self.params
-        finite = scaler.unscale_and_check(params)
-        norm = float("nan")
-        if finite:
-            norm_t = grad_norm(params)
-            norm = float(norm_t)
-            clip_grads_(params, grad_clip, norm_t)
-            _set_lr(self.optimizer, lr)
-            self.optimizer.step()
+    def step(self, lr: float, scaler: LossScaler, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscale, check, clip and apply the gradients on the device; returns (found_inf, grad norm).
+
+        The norm is global (DDP gradients are identical after the all-reduce; FSDP reduces the
+        shards' norms), so every rank takes the same decision without another collective.
+        """
+        _set_lr(self.optimizer, lr)
+        found_inf, norm = apply_optimizer_step(self.optimizer, self.params, scaler.scale_tensor, grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
-        scaler.update(finite)
-        return finite, norm
+        scaler.update(found_inf)
+        return found_inf, norm
 
     # -- checkpoints ------------------------------------------------------------------------
     def _state(self, ema: EMA) -> dict:
@@ -195,7 +201,7 @@ class TorchStrategy:
                              f"(DeepSpeed checkpoints cannot be read by {self.kind})")
         state = self._state(ema)
         with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(folder / "state"), no_dist=not dist.is_initialized())
+            dcp_load(state, folder / "state", no_dist=not dist.is_initialized())
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     @torch.no_grad()
@@ -221,20 +227,49 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def deepspeed_config(cfg, micro_batch: int, world_size: int, device_type: str) -> dict:
-    """The DeepSpeed JSON for a training config, with `cfg.deepspeed_config` deep-merged over it."""
+def deepspeed_sizes(param_numels: list[int], device_type: str) -> dict:
+    """ZeRO communication settings sized to the model (DeepSpeed's defaults assume billions of parameters).
+
+    - reduce / all-gather buckets on GPUs: about 1/16 of the model, so ~16 buckets stream out during
+      the backward and overlap it, but never smaller than the largest tensor nor larger than
+      DeepSpeed's default 5e8 elements (fixed 5e8-element buckets made a tiny model allocate
+      gigabytes); on CPUs (gloo, nothing to overlap with) one bucket of the whole model;
+    - overlap_comm on GPUs only (separate CUDA streams);
+    - contiguous_gradients: gradients copied into one buffer as they are produced (no fragmentation);
+    - ZeRO-3: prefetch one bucket ahead; tensors below 1/10000 of the model (at most 1e5 elements,
+      DeepSpeed's default) stay whole on every rank, where gathering them would cost more latency
+      than the memory it saves.
+    """
+    total = max(sum(param_numels), 1)
+    largest = max(param_numels, default=1)
+    share = -(-total // 16) if device_type == "cuda" else total
+    bucket = int(min(max(share, largest), 5e8))
+    return {
+        "overlap_comm": device_type == "cuda",
+        "contiguous_gradients": True,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+        "stage3_prefetch_bucket_size": bucket,
+        "stage3_param_persistence_threshold": int(min(max(total // 10_000, 1), 1e5)),
+    }
+
+
+def deepspeed_config(cfg, micro_batch: int, world_size: int, device_type: str,
+                     param_numels: list[int] | None = None) -> dict:
+    """The DeepSpeed JSON for a training config, with `cfg.deepspeed_config` deep-merged over it.
+
+    `param_numels` (the model's tensor sizes) sizes buckets and thresholds (`deepspeed_sizes`);
+    without it DeepSpeed's defaults apply.
+    """
+    zero = {"stage": cfg.zero_stage}
+    if param_numels:
+        zero.update(deepspeed_sizes(param_numels, device_type))
     generated = {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": float(cfg.grad_clip),
-        "zero_optimization": {
-            "stage": cfg.zero_stage,
-            "overlap_comm": device_type == "cuda",
-            "contiguous_gradients": True,
-            "reduce_bucket_size": int(5e8),
-            "allgather_bucket_size": int(5e8),
-        },
+        "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {
             "enabled": cfg.precision == "fp16",
@@ -282,14 +317,15 @@ class DeepSpeedStrategy:
             os.environ.setdefault(key, str(value))
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         self.info = info
-        self.config = deepspeed_config(cfg, micro_batch, dist.get_world_size(), info.device.type)
+        self.config = deepspeed_config(cfg, micro_batch, dist.get_world_size(), info.device.type,
+                                       [p.numel() for p in module.parameters()])
         self.stage = int(self.config["zero_optimization"].get("stage", 0))
         module = module.to(info.device)
         self.optimizer = make_optimizer(module.parameters(), cfg)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=self.config)
         self.module = self.engine.module
         self.forward = torch.compile(self.engine) if cfg.compile else self.engine
-        self._bad_loss = False
+        self._bad_loss = torch.zeros((), device=info.device)  # 1 once a micro-step's loss was not finite
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -306,22 +342,30 @@ class DeepSpeedStrategy:
 
     def backward(self, loss: torch.Tensor, scaler: LossScaler, grad_accum: int) -> None:
         # DeepSpeed divides by the accumulation steps and applies its fp16 loss scale itself.
-        self._bad_loss |= not bool(torch.isfinite(loss.detach()))
+        torch.maximum(self._bad_loss, (~torch.isfinite(loss.detach())).float(), out=self._bad_loss)
         self.engine.backward(loss)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
 
-    def step(self, lr: float, scaler: LossScaler, grad_clip: float) -> tuple[bool, float]:
+    def step(self, lr: float, scaler: LossScaler, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSpeed's step (its own clipping and fp16 scaling); returns (found_inf, grad norm) tensors.
+
+        found_inf also marks a non-finite loss on any rank (bf16/fp32 DeepSpeed applies such a step).
+        """
         _set_lr(self.optimizer, lr)
         self.engine.step()
-        applied = bool(self.engine.was_step_applied())
-        bad = torch.tensor(float(self._bad_loss or not applied), device=self.info.device)
+        device = self.info.device
+        # DeepSpeed decided `applied` on the host already; torch.full makes no copy that could wait.
+        bad = torch.maximum(self._bad_loss, torch.full((), float(not self.engine.was_step_applied()), device=device))
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self._bad_loss = False
+        self._bad_loss.zero_()
         norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
-        scaler.update(not bool(bad.item()))
-        return applied, norm
+        if norm is None:
+            norm = torch.full((), float("nan"), device=device)
+        elif not isinstance(norm, torch.Tensor):
+            norm = torch.full((), float(norm), device=device)
+        scaler.update(bad)
+        return bad, norm.detach().float()
 
     @property
     def loss_scale(self) -> float:
@@ -372,7 +416,9 @@ class DeepSpeedStrategy:
             dcp.save({"ema": full}, checkpoint_id=str(folder / "state"))
 
     def load(self, folder: Path, ema: EMA, meta: dict) -> None:
-        """Read a DeepSpeed checkpoint of the same world size and ZeRO stage."""
+        """Read a DeepSpeed checkpoint of the same world size and ZeRO stage (files read weights-only)."""
+        from launch.train.checkpointing import load_deepspeed_checkpoint
+
         if meta.get("strategy") != "deepspeed":
             raise ValueError(f"{folder} was written by strategy={meta.get('strategy')}; resume it with that strategy "
                              "(DeepSpeed cannot read torch.distributed.checkpoint folders)")
@@ -380,12 +426,12 @@ class DeepSpeedStrategy:
             raise ValueError(f"{folder} was written by {meta.get('world_size')} DeepSpeed processes but this run has "
                              f"{dist.get_world_size()}: ZeRO optimizer partitions cannot be resharded. Resume with "
                              f"{meta.get('world_size')} processes, or restart from the exported weights with --init-from")
-        self.engine.load_checkpoint(str(folder / "deepspeed"), tag="ds", load_lr_scheduler_states=False)
+        load_deepspeed_checkpoint(self.engine, folder / "deepspeed", tag="ds")
         if ema:
             target = {"ema": {name: {k: torch.empty(self.module.get_parameter(k).ds_shape if self.stage == 3 else v.shape,
                                                      dtype=torch.float32, device=v.device)
                                      for k, v in ema.shadows[name].items()} for name in ema.names}}
-            dcp.load(target, checkpoint_id=str(folder / "state"))
+            dcp_load(target, folder / "state")
             with torch.no_grad():
                 for name in ema.names:
                     for k, v in ema.shadows[name].items():
@@ -402,5 +448,6 @@ def build_strategy(cfg, module: nn.Module, info: DistInfo, micro_batch: int):
     raise ValueError(f"strategy={cfg.strategy!r} is not one of ddp, fsdp, deepspeed")
 
 
-__all__ = ["build_strategy", "TorchStrategy", "shard_groups_note", "DeepSpeedStrategy", "deepspeed_config", "ensure_process_group",
+__all__ = ["build_strategy", "TorchStrategy", "shard_groups_note", "DeepSpeedStrategy", "deepspeed_config", "deepspeed_sizes",
+           "ensure_process_group",
            "shard_units", "make_optimizer"]

@@ -18,8 +18,9 @@ import torch.distributed as dist
 class MetricWindow:
     """Sums of per-sample metrics since the last log, overall and per timestep quartile.
 
-    The sums live on the training device, so adding a micro-batch never waits for the GPU; only
-    `reduce()` (once per log step) synchronises.
+    The sums live on the training device and `add()` only queues device work (no `.item()`, no
+    one_hot, whose CPU range check reads the values back), so it never waits for the GPU;
+    `reduce()` (once per log step) does.
     """
 
     def __init__(self, names: tuple[str, ...], num_timesteps: int, device: torch.device | str = "cpu"):
@@ -38,7 +39,7 @@ class MetricWindow:
         """Add one micro-batch: timesteps `t` [B] and per-sample `values[name]` [B]."""
         t = t.detach().to(self.device)
         quart = torch.clamp((4 * t) // self.num_timesteps, 0, 3)
-        onehot = torch.nn.functional.one_hot(quart, 4).double()  # [B, 4]
+        onehot = (quart[:, None] == torch.arange(4, device=self.device)).double()  # [B, 4]
         mat = torch.stack([values[n].detach().to(self.device, torch.float64) for n in self.names])  # [M, B]
         self.sums[:, 0] += mat.sum(1)
         self.sums[:, 1:] += mat @ onehot

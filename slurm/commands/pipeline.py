@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from runtime.names import number_in
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `adm pipeline`."""
@@ -30,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument("--detach", action="store_true",
                         help="with SLURM: submit and exit instead of following the jobs to the end")
-    parser.add_argument("--poll", type=float, default=5.0, metavar="SECONDS", help="how often to ask SLURM (default 5)")
+    parser.add_argument("--poll", type=number_in(0.0, low_open=True), default=5.0, metavar="SECONDS", help="how often to ask SLURM (default 5)")
 
 
 def _variables(items: list[str]) -> dict[str, str]:

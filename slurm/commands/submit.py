@@ -18,19 +18,21 @@ import os
 import shlex
 from pathlib import Path
 
+from runtime.names import int_at_least
+
 
 def _submit_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("submission")
     group.add_argument("--cluster", metavar="PROFILE", default=None,
                        help="cluster profile: a name shipped in slurm/ (local, example-a100, ...) or a YAML path "
                             "(default: $ADM_CLUSTER)")
-    group.add_argument("--nodes", type=int, default=None, help="number of nodes (default: the profile's)")
-    group.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node; one task per GPU")
-    group.add_argument("--tasks-per-node", type=int, default=None,
+    group.add_argument("--nodes", type=int_at_least(1), default=None, help="number of nodes (default: the profile's)")
+    group.add_argument("--gpus-per-node", type=int_at_least(0), default=None, help="GPUs per node; one task per GPU")
+    group.add_argument("--tasks-per-node", type=int_at_least(1), default=None,
                        help="tasks per node (default: one per GPU; set it for CPU-only jobs, which use gloo)")
-    group.add_argument("--cpus-per-task", type=int, default=None)
+    group.add_argument("--cpus-per-task", type=int_at_least(1), default=None)
     group.add_argument("--mem", default=None, help="memory per node in sbatch's syntax, e.g. 480G (0 = all)")
-    group.add_argument("--time", type=int, default=None, dest="time_min", metavar="MINUTES",
+    group.add_argument("--time", type=int_at_least(1), default=None, dest="time_min", metavar="MINUTES",
                        help="time limit; the job is requeued before it and resumes from its checkpoint")
     group.add_argument("--job-name", default=None)
     group.add_argument("--log-dir", default=None, help="submitit folder for scripts and logs "

@@ -259,12 +259,13 @@ def test_loss_types():
     rescaled = create_diffusion(steps=100, rescale_learned_sigmas=True).training_losses(model, x0, t, noise=noise)
     torch.testing.assert_close(rescaled["vb"], plain["vb"] * 0.1)  # T / 1000
     torch.testing.assert_close(rescaled["loss"], plain["mse"] + 0.1 * plain["vb"])
-    kl = create_diffusion(steps=100, use_kl=True).training_losses(model, x0, t, noise=noise)
-    torch.testing.assert_close(kl["loss"], plain["vb"])
-    rkl = create_diffusion(steps=100, use_kl=True, rescale_learned_sigmas=True).training_losses(
-        model, x0, t, noise=noise
-    )
-    torch.testing.assert_close(rkl["loss"], 100 * plain["vb"])
+    # use_kl selects the rescaled KL (vb x T) whatever rescale_learned_sigmas says, as the original.
+    for rescale in (False, True):
+        kl = create_diffusion(steps=100, use_kl=True, rescale_learned_sigmas=rescale)
+        assert kl.loss_type == "rescaled_kl"
+        out = kl.training_losses(model, x0, t, noise=noise)
+        torch.testing.assert_close(out["loss"], 100 * plain["vb"])
+        torch.testing.assert_close(out["vb"], plain["vb"])
     # Fixed variance: the loss is the MSE alone.
     fixed = create_diffusion(steps=100, learn_sigma=False).training_losses(
         LinearModel(learn_sigma=False), x0, t, noise=noise

@@ -1,7 +1,12 @@
-"""Reports: tables beside the paper, guidance sweeps (plots + report.json), per-class grids, CLI."""
+"""Reports: tables beside the paper, guidance sweeps (plots + report.json), per-class grids, steps sweeps,
+the CLI, and the page in a headless browser at 1300 px."""
 from __future__ import annotations
 
+import html
 import json
+import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -46,8 +51,15 @@ def test_sweep_report(sweep, tmp_path):
     plot = Image.open(out / "sweep_0.png")
     assert plot.size[0] > 400
     grid = np.asarray(Image.open(out / "grid_0.png"))
-    # one row per class, 8 samples each, 2 px gaps; small images enlarged x2 for reading
-    assert grid.shape == (2 * (10 * 34 + 2), 2 * (8 * 34 + 2), 3)
+    # one row per class, 8 samples each, 2 px gaps; small images enlarged x2 for reading; the class
+    # names in a white margin at the left, one per row
+    margin = grid.shape[1] - 2 * (8 * 34 + 2)
+    assert grid.shape[0] == 2 * (10 * 34 + 2) and 40 < margin < 200
+    row = grid.shape[0] / 10
+    for r in range(10):
+        band = grid[int(r * row):int((r + 1) * row), :margin - 4]
+        assert (band < 100).any() and (band > 200).mean() > 0.6, f"no class name in row {r}"
+    assert "one row per class" in html
 
 
 def test_class_grid_rows_hold_one_class(tmp_path, digits):
@@ -85,3 +97,100 @@ def test_report_errors_and_cli(sweep, tmp_path, capsys):
     assert adm(["report", str(sweep), "--out", str(tmp_path / "cli")]) == 0
     assert "1 guidance sweeps" in capsys.readouterr().out
     assert (tmp_path / "cli" / "report.html").is_file()
+
+
+# ---------------------------------------------------------------------------- steps sweeps
+STEPS = [("ddpm", "250", 250), ("ddim", "ddim25", 25), ("ddim", "ddim15", 15), ("dpm++", "dpm++2m-10", 10),
+         ("dpm++", "dpm++2m-15", 15), ("dpm++", "dpm++2m-20", 20)]
+
+
+def _write_steps_run(root, sampler, steps, evals, scale, samples, seed):
+    """A metrics.json as adm evaluate --standard-errors writes it for a run of `adm sample`."""
+    rng = np.random.default_rng(seed)
+    fid, acc = 3.0 + 40.0 / evals, 0.5 + scale / 40 - 1.0 / evals
+    options = {"classifier_scale": scale, "steps": steps, "sampler": sampler, "num_steps": evals,
+               "network_evaluations": evals, "model": "/runs/unet", "classifier": "/runs/classifier",
+               "seed": 0, "num_samples": 60, "out": f"/samples/{steps}-s{scale}", "skip_type": None,
+               "content": {"dpm_solver": {"order": 2}} if sampler == "dpm++" else {}}
+    halves = {"seed": 0, "subsets": 5, "size": 30, "fid": list(fid + rng.normal(0, 0.3, 5)),
+              "precision": list(0.7 + rng.normal(0, 0.02, 5)), "recall": list(0.6 + rng.normal(0, 0.02, 5)),
+              "class_accuracy": list(acc + rng.normal(0, 0.03, 5))}
+    record = {"format": "adm-metrics/1", "features": "classifier:/a/long/folder/name/domain_classifier.pt",
+              "image_size": 32, "num_samples": 60, "reference": "/r.npz", "samples": str(samples),
+              "metrics": {"inception_score": 4.0, "fid": fid, "sfid": None, "precision": 0.7, "recall": 0.6,
+                          "class_accuracy": acc},
+              "standard_errors": {"fid": 0.3, "precision": 0.02, "recall": 0.02, "class_accuracy": 0.05},
+              "half_samples": halves, "options": options}
+    folder = root / f"{steps}-s{scale}"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(record))
+
+
+@pytest.fixture
+def steps_sweep(tmp_path, digits):
+    images, labels = digits
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, images[:60], labels[:60])
+    for k, (sampler, steps, evals) in enumerate(STEPS):
+        for scale in (4.0, 16.0):
+            _write_steps_run(tmp_path / "steps", sampler, steps, evals, scale, samples, seed=k)
+    return tmp_path / "steps"
+
+
+def test_steps_sweep_section(steps_sweep, tmp_path):
+    """Runs that differ in sampler and steps (at two scales): one steps sweep, no two-point guidance
+    sweeps, a table with standard errors and paired differences to the sampler with most evaluations."""
+    summary = build_report([steps_sweep], tmp_path / "r", title="steps")
+    assert summary["guidance_sweeps"] == [] and len(summary["steps_sweeps"]) == 1
+    sweep = summary["steps_sweeps"][0]
+    assert sweep["reference"] == "DDPM-250" and len(sweep["points"]) == 12
+    point = next(p for p in sweep["points"] if p["sampler"] == "DPM-Solver++(2M)-15" and p["scale"] == "4")
+    assert point["evaluations"] == 15 and point["fid_se"] == 0.3
+    diff, se = point["diffs"]["DDIM-15"]["fid"]
+    record = json.loads((steps_sweep / "dpm++2m-15-s4.0" / "metrics.json").read_text())
+    other = json.loads((steps_sweep / "ddim15-s4.0" / "metrics.json").read_text())
+    assert diff == pytest.approx(record["metrics"]["fid"] - other["metrics"]["fid"])
+    d = np.subtract(record["half_samples"]["fid"], other["half_samples"]["fid"])
+    assert se == pytest.approx(np.sqrt(30 / 30 * np.mean((d - d.mean()) ** 2)))
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Quality against network evaluations" in md and "steps_0.png" in md
+    assert "DPM-Solver++(2M)-20" in md and "5.67 ± 0.30" in md and "0.833 ± 0.050" in md
+    assert Image.open(tmp_path / "r" / "steps_0.png").size[0] > 600
+
+
+# ---------------------------------------------------------------------------- in a browser
+PROBE = """<script>
+window.addEventListener('load', () => {
+  const w = window.innerWidth;
+  const over = [...document.querySelectorAll('img, .wide, figure, h1, h2, p')]
+    .filter(e => e.getBoundingClientRect().right > w + 0.5)
+    .map(e => e.tagName + ' ' + (e.getAttribute('src') || e.className || ''));
+  const images = [...document.images].map(i => [i.getAttribute('src'), i.naturalWidth, i.getBoundingClientRect().width]);
+  document.body.setAttribute('data-probe', JSON.stringify({w, scroll: document.documentElement.scrollWidth, over, images}));
+});
+</script></body>"""
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="needs chromium for a headless browser (apt-get install -y chromium; .ci/run installs it)")
+def test_report_page_fits_a_1300_px_window(sweep, steps_sweep, tmp_path):
+    """The guidance-sweep plot (five panels), the steps table and plot and the class grids, in
+    headless Chromium at 1300 x 900: nothing reaches past the window's right edge, the page does not
+    scroll sideways, and every image loaded. Also leaves a screenshot, report.png."""
+    out = tmp_path / "r"
+    build_report([sweep, steps_sweep], out, title="a report at 1300 px")
+    page = out / "report.html"
+    probe = out / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", PROBE))
+    base = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            "--window-size=1300,900", "--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(base + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    match = re.search(r"data-probe=\"([^\"]*)\"", dom.stdout)
+    assert match, dom.stderr[-2000:]
+    result = json.loads(html.unescape(match.group(1)))
+    assert result["w"] == 1300 and result["scroll"] <= 1300, result
+    assert result["over"] == [], result
+    assert result["images"] and all(natural > 0 and 0 < shown <= 1300 for _, natural, shown in result["images"])
+    shot = subprocess.run(base + [f"--screenshot={out / 'report.png'}", page.as_uri()], capture_output=True,
+                          text=True, timeout=120)
+    assert Image.open(out / "report.png").size[0] == 1300, shot.stderr[-2000:]

@@ -103,10 +103,12 @@ def test_init_from_openai_file_fine_tunes_and_refuses_other_models(runs, capsys)
     code = adm(["train", "--run-dir", str(tmp / "bad1"), "--init-from",
                 f"openai:{tmp / 'clf_export' / 'model_openai.pt'}", *common])
     assert code == 2 and "does not fit" in capsys.readouterr().err
+    assert not (tmp / "bad1").exists()  # a refused run writes nothing
     adm(["export", str(tmp / "clf")])
     code = adm(["train", "--run-dir", str(tmp / "bad2"), "--init-from", str(tmp / "clf" / "export" / "model.pt"), *common])
     err = capsys.readouterr().err
     assert code == 2 and "different model than expected" in err and "model.type" in err
+    assert not (tmp / "bad2").exists()
 
 
 def test_resume_with_another_preset_names_the_fields(runs, capsys):
@@ -123,3 +125,9 @@ def test_labels_beyond_the_model_are_refused(runs, capsys):
                 "num_workers=0"])
     err = capsys.readouterr().err
     assert code == 2 and "have 10 classes but preset tiny-unet has 5" in err and "model.num_classes=10" in err
+    # Nothing was written, so the corrected command is not refused as "a different config".
+    assert not (tmp / "five").exists()
+    code = adm(["train", "--run-dir", str(tmp / "five"), "--data", str(data), "--set", "model.num_classes=10",
+                "num_workers=0", "total_steps=1", "progress=false"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp / "five" / "checkpoints" / "step_000000001").is_dir()

@@ -157,18 +157,20 @@ def test_resuming_with_another_batch_size_keeps_shards_and_names_a_changed_netwo
     assert "made with network batch [2], this run uses 3" in capsys.readouterr().out
 
 
-def test_network_batch_gives_the_same_float_bits_whatever_the_rows_sampled_together(models):
+@pytest.mark.parametrize("steps", ["3", "dpm++2m-3"])
+def test_network_batch_gives_the_same_float_bits_whatever_the_rows_sampled_together(models, steps):
     """In float32, not only after uint8 rounding: with network_batch=2 the rows of a batch of 6 (three
     chunks) and of a batch of 5 (the last chunk padded) equal the same rows sampled two at a time;
-    without it the batch of 6 differs in the last bits (which is why the option exists)."""
+    without it the batch of 6 differs in the last bits (which is why the option exists). For guided
+    DDPM and for DPM-Solver++ with thresholding (its model, classifier and quantile run per chunk)."""
     unet, preset = load_model(models["unet"])
     clf, _ = load_model(models["clf"])
     seeds = [sample_seed(3, i) for i in range(6)]
     labels = torch.tensor([0, 3, 5, 7, 9, 1])
 
     def run(rows, network_batch):
-        sampler = GuidedSampler(unet, preset, steps="3", classifier=clf, classifier_scale=4.0,
-                                network_batch=network_batch)
+        sampler = GuidedSampler(unet, preset, steps=steps, classifier=clf, classifier_scale=4.0,
+                                network_batch=network_batch, thresholding=steps.startswith("dpm"))
         return sampler.sample(seeds[rows], labels[rows])
 
     pairs = torch.cat([run(slice(k, k + 2), None) for k in (0, 2, 4)])
@@ -301,3 +303,91 @@ def test_cli(models, tmp_path, capsys):
     code = cli.main(["sample", "--model", models["unet"], "--num-samples", "3", "--steps", "1", "--out", str(out)])
     assert code == 2
     assert "other options" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- DPM-Solver++ in the job
+def test_dpm_solver_file_matches_the_core_loop_and_its_options_enter_the_hash(models, tmp_path):
+    """`--steps dpm++2m-N`: the first batch equals the core's dpm_solver_sample_loop started from the
+    same per-index x_T (the one every sampler draws first); order, skip type and thresholding are
+    recorded and each changes the options hash; a folder of other DPM options is refused."""
+    kw = dict(classifier=models["clf"], classifier_scale=4.0, labels="balanced")
+    path = sample(_opts(models, tmp_path / "dpm", steps="dpm++2m-3", **kw))
+    images, labels = _arrays(path)
+    options = json.loads((tmp_path / "dpm" / "options.json").read_text())
+    assert (options["sampler"], options["num_steps"], options["skip_type"], options["thresholding"]) == \
+        ("dpm++", 3, "time_uniform", False)
+    assert options["content"]["dpm_solver"] == {"order": 2, "evaluations": 3, "skip_type": "time_uniform",
+                                                "thresholding": False}
+
+    unet, preset = load_model(models["unet"])
+    clf, _ = load_model(models["clf"])
+    diffusion = preset.diffusion.build()  # unspaced
+    x_t = PerSampleNoise([sample_seed(0, i) for i in range(4)]).initial((4, 3, 16, 16))
+    out = diffusion.dpm_solver_sample_loop(unet, x_t.shape, noise=x_t, cond_fn=classifier_cond_fn(clf, 4.0),
+                                           model_kwargs={"y": torch.from_numpy(labels[:4])}, steps=3, order=2)
+    np.testing.assert_array_equal(sf.to_uint8(out).numpy(), images[:4])
+
+    hashes = {options["options_hash"]}
+    for name, extra in (("order1", dict(steps="dpm++1-3")), ("logsnr", dict(steps="dpm++2m-3", skip_type="logSNR")),
+                        ("quad", dict(steps="dpm++2m-3", skip_type="time_quadratic")),
+                        ("thr", dict(steps="dpm++2m-3", thresholding=True))):
+        sample(_opts(models, tmp_path / name, **kw, **extra))
+        hashes.add(json.loads((tmp_path / name / "options.json").read_text())["options_hash"])
+    assert len(hashes) == 5
+    with pytest.raises(ValueError, match="other options.*--overwrite"):
+        sample(_opts(models, tmp_path / "dpm", steps="dpm++2m-3", skip_type="logSNR", **kw))
+    ddpm = sample(_opts(models, tmp_path / "ddpm", steps="3", **kw))
+    assert "dpm_solver" not in json.loads((ddpm.parent / "options.json").read_text())["content"]
+
+
+def test_dpm_solver_bitwise_the_same_for_every_batch_size_with_a_fixed_network_batch(models, tmp_path):
+    """The solver's model and classifier calls (and thresholding) run in chunks of --network-batch rows
+    too: every batch size and shard layout gives the same bytes."""
+    kw = dict(classifier=models["clf"], classifier_scale=4.0, steps="dpm++2m-3", thresholding=True,
+              labels="balanced", num_samples=9, network_batch=2)
+    ref = _arrays(sample(_opts(models, tmp_path / "b2", batch_size=2, shard_size=4, **kw)))
+    for b, s in ((3, 9), (9, 2)):
+        got = _arrays(sample(_opts(models, tmp_path / f"b{b}s{s}", batch_size=b, shard_size=s, **kw)))
+        np.testing.assert_array_equal(got[0], ref[0], err_msg=f"batch size {b}, shard size {s}")
+        np.testing.assert_array_equal(got[1], ref[1])
+
+
+def test_dpm_solver_refusals(models, tmp_path):
+    for extra, message in (
+            (dict(steps="3", skip_type="logSNR"), "apply to DPM-Solver\\+\\+ only"),
+            (dict(steps="ddim3", thresholding=True), "apply to DPM-Solver\\+\\+ only"),
+            (dict(steps="dpm++2m-3", sampler="ddpm"), "are DPM-Solver\\+\\+ steps but the sampler is 'ddpm'"),
+            (dict(steps="20", sampler="dpm++"), "not a DPM-Solver\\+\\+ steps string.*dpm\\+\\+2m-N"),
+            (dict(steps="dpm++3m-20"), "not a DPM-Solver\\+\\+ steps string"),
+            (dict(steps="dpm++2m-0"), "not a DPM-Solver\\+\\+ steps string"),
+            (dict(steps="dpm++2m-3", eta=0.5), "eta=0.5 only applies to DDIM"),
+            (dict(steps="dpm++2m-3", skip_type="logsnr"), "skip_type must be one of"),
+            (dict(steps="dpm++2m-2000"), "more than the model's 1000 training steps")):
+        with pytest.raises(ValueError, match=message):
+            sample(_opts(models, tmp_path / "x", **extra))
+
+
+def test_guidance_intervals_through_the_cli(models, tmp_path):
+    """`--classifier-scale S@LO:HI`: an interval holding every step's time is the plain scale, one holding
+    none is no guidance (the classifier runs and its gradient is multiplied by 0), one in between is
+    neither; the same for the DPM-Solver's fractional times. `--cfg-scale W@LO:HI` too."""
+    def run(name, *extra):
+        out = tmp_path / name
+        assert cli.main(["sample", "--model", models["unet"], "--classifier", models["clf"], "--num-samples", "4",
+                         "--batch-size", "4", "--out", str(out), "--no-progress", "--grid-size", "0", *extra]) == 0
+        return _arrays(out / "samples_4x16x16x3.npz")[0], json.loads((out / "options.json").read_text())
+
+    for steps in ("3", "dpm++2m-3"):
+        full, _ = run(f"full{steps}", "--steps", steps, "--classifier-scale", "8")
+        inside, options = run(f"in{steps}", "--steps", steps, "--classifier-scale", "8@0:999")
+        outside, _ = run(f"out{steps}", "--steps", steps, "--classifier-scale", "8@1500:2000")
+        off, _ = run(f"off{steps}", "--steps", steps, "--classifier-scale", "0")
+        part, _ = run(f"part{steps}", "--steps", steps, "--classifier-scale", "8@0:800")
+        assert options["classifier_scale"] == "8@0:999"
+        np.testing.assert_array_equal(inside, full)
+        np.testing.assert_array_equal(outside, off)
+        assert not np.array_equal(part, full) and not np.array_equal(part, off)
+    out = tmp_path / "cfg"
+    assert cli.main(["sample", "--model", models["cfg"], "--cfg-scale", "3@500:999", "--num-samples", "2",
+                     "--batch-size", "2", "--steps", "dpm++2m-2", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "options.json").read_text())["content"]["cfg_scale"] == "3@500:999"

@@ -14,7 +14,7 @@ from launch.cli import main as adm
 from runtime.distributed import DistInfo
 from launch.train.ema import EMA, ema_name
 from launch.precision import LossScaler, NonFiniteLossError, autocast, check_supported
-from launch.train.strategies import TorchStrategy, deepspeed_config
+from launch.train.strategies import TorchStrategy, deepspeed_config, deepspeed_sizes
 from launch.train.loop import lr_at, prepare_run_dir
 
 
@@ -133,25 +133,57 @@ def test_fp16_loss_scaling_skips_overflow_halves_to_floor_and_stops():
     # real fp16 step, then the scaler's bookkeeping on fp32 arithmetic, which it does not see.)
     for precision in ("fp16", "fp32"):
         strategy.backward(_loss(strategy, precision), scaler, 1)
-        applied, norm = strategy.step(1e-3, scaler, grad_clip=0.0)
-        assert applied and math.isfinite(norm)
+        found_inf, norm = strategy.step(1e-3, scaler, grad_clip=0.0)
+        assert isinstance(found_inf, torch.Tensor) and found_inf.item() == 0.0 and math.isfinite(norm.item())
     assert scaler.scale == 2.0 ** 5
     changed = {k: v.clone() for k, v in strategy.module.state_dict().items()}
     assert any(not torch.equal(before[k], changed[k]) for k in before)
-    # Overflowing gradients: the step is skipped (weights untouched) and the scale halves, not below the floor.
+    # Overflowing gradients: the step is skipped on the device (weights and Adam's step count
+    # untouched) and the scale halves, not below the floor.
+    steps = [s["step"].item() for s in strategy.optimizer.state.values()]
     for expected in (2.0 ** 4, 2.0 ** 3):
         strategy.backward(_loss(strategy, "fp32", scale_by=float("inf")), scaler, 1)
-        applied, _ = strategy.step(1e-3, scaler, grad_clip=0.0)
-        assert not applied and scaler.scale == expected
+        found_inf, _ = strategy.step(1e-3, scaler, grad_clip=1.0)
+        assert found_inf.item() == 1.0 and scaler.scale == expected
     assert all(torch.equal(changed[k], v) for k, v in strategy.module.state_dict().items())
+    assert [s["step"].item() for s in strategy.optimizer.state.values()] == steps
     state = scaler.state_dict()
+    assert state["bad_in_a_row"] == 2 and state["skipped_total"] == 2
+    scaler.check()  # 2 < max_nonfinite
+    # The third bad step in a row is caught by the next check (the trainer checks when it logs).
+    strategy.backward(_loss(strategy, "fp32", scale_by=float("nan")), scaler, 1)
+    strategy.step(1e-3, scaler, grad_clip=0.0)
+    strategy.backward(_loss(strategy, "fp32"), scaler, 1)
+    assert strategy.step(1e-3, scaler, grad_clip=0.0)[0].item() == 0.0  # a good step ends the run of bad ones
     with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row had non-finite gradients.*at its floor"):
-        strategy.backward(_loss(strategy, "fp32", scale_by=float("nan")), scaler, 1)
-        strategy.step(1e-3, scaler, grad_clip=0.0)
+        scaler.check()
     assert scaler.scale == 8.0  # the floor
+    scaler.check()  # the bad run was reported once; the good step reset it
     restored = LossScaler(dynamic=True)
     restored.load_state_dict(state)
     assert restored.state_dict() == state
+
+
+def test_clipping_on_the_device_matches_clip_grad_norm():
+    """Clipping folded into the fused optimizer's unscale equals torch's clip_grad_norm_ + step."""
+    results = []
+    for fold in (True, False):
+        cfg, preset, strategy = _tiny_strategy("fp32")
+        scaler = LossScaler(dynamic=True, init_scale=2.0 ** 3)
+        torch.manual_seed(1)
+        strategy.backward(_loss(strategy, "fp32", scale_by=1e3), scaler, 1)
+        if fold:
+            _, norm = strategy.step(1e-3, scaler, grad_clip=0.5)
+        else:
+            params = strategy.params
+            for p in params:
+                p.grad.div_(scaler.scale)
+            norm = torch.nn.utils.clip_grad_norm_(params, 0.5)
+            strategy.optimizer.step()
+        results.append((norm.item(), [p.detach().clone() for p in strategy.params]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5) and results[0][0] > 0.5
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_bf16_autocast_step_and_clipping():
@@ -163,8 +195,8 @@ def test_bf16_autocast_step_and_clipping():
     assert out.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in strategy.module.parameters())  # master weights stay fp32
     strategy.backward((out.float() - 1.0).pow(2).mean() * 1e4, scaler, 1)
-    applied, norm = strategy.step(1e-3, scaler, grad_clip=0.5)
-    assert applied and norm > 0.5
+    found_inf, norm = strategy.step(1e-3, scaler, grad_clip=0.5)
+    assert found_inf.item() == 0.0 and norm.item() > 0.5
 
 
 def test_ema_updates_each_rate_and_round_trips():
@@ -175,7 +207,8 @@ def test_ema_updates_each_rate_and_round_trips():
     with torch.no_grad():
         p["w"].fill_(1.0)
     ema.update(p)
-    ema.update(p)
+    ema.update(p, applied=torch.tensor(0.0))  # a skipped optimizer step leaves the EMA alone
+    ema.update(p, applied=torch.tensor(1.0))
     assert torch.allclose(ema.shadows["0.9"]["w"], torch.full((3,), 1 - 0.9 ** 2))
     assert torch.allclose(ema.shadows["0.5"]["w"], torch.full((3,), 0.75))
     other = EMA(p, (0.9, 0.5))
@@ -200,6 +233,22 @@ def test_deepspeed_config_generated_and_user_override(tmp_path):
     user.write_text(json.dumps({"train_batch_size": 1024}))
     with pytest.raises(ValueError, match="set batch_size / grad_accum"):
         deepspeed_config(cfg, 4, 8, "cuda")
+
+
+def test_deepspeed_buckets_are_sized_to_the_model():
+    with torch.device("meta"):
+        numels = [p.numel() for p in presets.build("adm256").parameters()]
+    gpu = deepspeed_sizes(numels, "cuda")
+    assert gpu["reduce_bucket_size"] == gpu["allgather_bucket_size"] == -(-553_838_086 // 16)
+    assert gpu["overlap_comm"] and gpu["contiguous_gradients"]
+    assert gpu["stage3_param_persistence_threshold"] == 55_383
+    tiny = deepspeed_sizes([1000, 73_728, 500], "cuda")
+    assert tiny["reduce_bucket_size"] == 73_728  # never smaller than the largest tensor
+    assert deepspeed_sizes([10 ** 6] * 10_000, "cuda")["reduce_bucket_size"] == 5 * 10 ** 8  # DeepSpeed's default at most
+    cpu = deepspeed_sizes([1000, 73_728, 500], "cpu")
+    assert cpu["reduce_bucket_size"] == 75_228 and not cpu["overlap_comm"]
+    cfg, _ = resolved(sets=["strategy=deepspeed", "batch_size=8"])
+    assert deepspeed_config(cfg, 4, 2, "cuda", numels)["zero_optimization"]["reduce_bucket_size"] == gpu["reduce_bucket_size"]
 
 
 def test_dry_run_prints_the_resolved_config(capsys, tmp_path):

@@ -170,7 +170,45 @@ def test_failed_stage_stops_the_slurm_pipeline(cluster, tmp_path, adm):
     assert "stage 'prepare' failed" in run.stderr and prepare_log in run.stderr
     assert "missing-src" in Path(prepare_log).read_text()
     assert jobs.show_job(record["stages"]["prepare"]["job_id"])["JobState"] == "FAILED"
+    # pipeline.json ends with every stage's final state, and the error names every stage that will not
+    # run, whether this command or SLURM (through the failed dependency) cancelled it.
+    assert record["stages"]["prepare"]["state"] == "FAILED"
+    assert "will not run: reference, inspect" in run.stderr
     for stage in ("reference", "inspect"):  # never ran
         fields = jobs.show_job(record["stages"][stage]["job_id"])
         assert fields["JobState"] == "CANCELLED", fields
+        assert record["stages"][stage]["state"] == "CANCELLED", record
         assert not Path(record["stages"][stage]["log"]).exists()  # no task ever started
+
+
+@pytest.mark.slurm
+def test_failure_records_every_final_state_and_names_every_stage_that_will_not_run(cluster, tmp_path, adm, shards):
+    """A stage still running when another fails is cancelled: pipeline.json says CANCELLED, not RUNNING."""
+    config = _write(tmp_path / "race.yaml", f"""
+name: race
+out: out
+stages:
+  train:
+    command: train
+    args: "--run-dir {{out}}/run --data {shards} --set total_steps=100000 num_workers=0 progress=false"
+  broken:
+    command: inspect-shards
+    args: "{{out}}/no-such-shards"
+  after_broken:
+    command: inspect-shards
+    after: [broken]
+    args: "{shards}"
+  after_train:
+    command: inspect-shards
+    after: [train]
+    args: "{shards}"
+""")
+    run = adm("pipeline", str(config), "--cluster", cluster, "--poll", "1", cwd=tmp_path, timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "stage 'broken' failed" in run.stderr
+    assert "will not run: train, after_broken, after_train" in run.stderr
+    record = json.loads((tmp_path / "out" / "pipeline.json").read_text())["stages"]
+    assert {stage: info["state"] for stage, info in record.items()} == {
+        "train": "CANCELLED", "broken": "FAILED", "after_broken": "CANCELLED", "after_train": "CANCELLED"}
+    for stage, info in record.items():  # the record agrees with SLURM's own
+        assert jobs.show_job(info["job_id"])["JobState"] == info["state"], stage

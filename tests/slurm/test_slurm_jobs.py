@@ -83,3 +83,49 @@ def test_requeue_check_of_a_stage_that_never_polls(cluster, tmp_path):
     assert report["state"] == "COMPLETED" and report["restarts"] >= 1
     assert report["starts"][0] == 0 and report["starts"][-1] >= 4  # resumed from a periodic checkpoint
     assert report["digest"] == check.chain_digest(16)
+
+
+SHORT_LIMIT = """\
+description: the local cluster with a one-minute time limit, so that SLURM itself signals the job
+partition: debug
+nodes: 1
+gpus_per_node: 0
+tasks_per_node: 1
+cpus_per_task: 1
+time_min: 1
+signal_delay_s: 50
+preempt_grace_s: 25
+max_requeues: 15
+env:
+  OMP_NUM_THREADS: "1"
+"""
+
+
+def test_time_limit_signal_requeues_with_progress_until_the_training_is_done(cluster, shards, tmp_path, adm):
+    """A real `--time 1` limit: SLURM's own signal (`--signal USR2@50`, sent by the controller up to 30 s
+    late, so at times while the trainer still starts up) requeues the job again and again; every run
+    checkpoints progress before it is requeued, and the job ends COMPLETED with all its steps."""
+    profile = tmp_path / "one-minute.yaml"
+    profile.write_text(SHORT_LIMIT)
+    steps = 40
+    submitted = adm("submit", "train", "--run-dir", str(tmp_path / "run"), "--data", str(shards), "--preset", "tiny-unet",
+                    "--set", f"total_steps={steps}", "save_every=100000", "log_every=5", "batch_size=32",
+                    "model.model_channels=64", "num_workers=2", "model.dropout=0.1", "keep_last=2", "progress=false",
+                    "--cluster", str(profile), "--tasks-per-node", "2", "--log-dir", str(tmp_path / "logs"), cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = job_id_of(submitted.stdout)
+    assert "--signal=USR2@50" in next((tmp_path / "logs").glob("*_submission.sh")).read_text()
+    final = jobs.wait([job_id], poll_s=2.0, timeout_s=1500)
+    log = (tmp_path / "logs" / f"{job_id}_0_log.out").read_text()
+    train_log = (tmp_path / "run" / "log.txt").read_text()
+    assert final[job_id] == "COMPLETED", log[-4000:] + train_log[-2000:]
+    restarts = int(jobs.show_job(job_id)["Restarts"])
+    assert restarts >= 1, train_log
+    assert "SIGUSR2: checkpoint and requeue" in log  # SLURM's own time-limit signal, not one sent by hand
+    # Every run resumed where the previous one stopped, and every run made progress.
+    stops = [int(s) for s in re.findall(r"stopping at step (\d+) after a stop signal \(SIGUSR2\)", train_log)]
+    resumes = [int(s) for s in re.findall(r"resumed from \S+ \(step (\d+)\)", train_log)]
+    assert len(stops) == len(resumes) == restarts, train_log
+    assert resumes == stops and all(b > a for a, b in zip([0, *stops], stops)), train_log
+    assert (tmp_path / "run" / "checkpoints" / f"step_{steps:09d}").is_dir()
+    assert f"step {steps} | loss" in train_log
