@@ -26,8 +26,8 @@ class PeerLost(RuntimeError):
 
 
 AFTER_A_LOST_NODE = ("If a node failed, SLURM requeues the job once it marks the node DOWN (the job was submitted "
-                     "with --requeue) and the stage resumes from its last checkpoint; otherwise rerun the same command, "
-                     "which resumes from it too.")
+                     "with --requeue) and the stage resumes from its last checkpoint; otherwise rerun the same "
+                     "command, which resumes from it too.")
 
 
 def _submitit_signal() -> signal.Signals:

@@ -67,6 +67,27 @@ def cluster_nodes(cluster) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def two_nodes(cluster_nodes) -> list[str]:
+    """The nodes of a cluster of two or more (`start --nodes 2`); skips on one node."""
+    if len(cluster_nodes) < 2:
+        pytest.skip(f"needs a cluster of 2 nodes, the one up has {len(cluster_nodes)} ({', '.join(cluster_nodes)}): "
+                    "slurm/local-cluster.sh start --nodes 2")
+    return cluster_nodes
+
+
+def node_hostnames(nodelist: str) -> list[str]:
+    """SLURM's node list ('adm-node[1-2]') as host names, in the order SLURM gives ranks to them."""
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+@pytest.fixture(scope="session")
+def hostnames():
+    """`hostnames(nodelist)`: SLURM's node list as host names, in rank order."""
+    return node_hostnames
+
+
+@pytest.fixture(scope="session")
 def adm():
     """`adm(*args, cwd=..., env=...)`: the adm command line in a fresh process (as a user runs it)."""
     return run_adm

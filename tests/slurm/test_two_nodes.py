@@ -29,21 +29,8 @@ CHECK_LINE = re.compile(r"rank (\d+)/(\d+) local (\d+) on (\S+) \((\S+), (\w+)\)
                         r"all_reduce (\S+) \(expected (\S+)\)")
 
 
-@pytest.fixture(scope="module")
-def two_nodes(cluster_nodes) -> list[str]:
-    if len(cluster_nodes) < 2:
-        pytest.skip(f"needs a cluster of 2 nodes, the one up has {len(cluster_nodes)} ({', '.join(cluster_nodes)}): "
-                    "slurm/local-cluster.sh start --nodes 2")
-    return cluster_nodes
-
-
-def hostnames(nodelist: str) -> list[str]:
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    return out.stdout.split()
-
-
 @pytest.mark.slurm
-def test_check_all_reduces_across_two_nodes(cluster, two_nodes, tmp_path):
+def test_check_all_reduces_across_two_nodes(cluster, two_nodes, tmp_path, hostnames):
     """`python -m slurm.check --nodes 2 --tasks-per-node 2`: 4 ranks on 2 hosts, master = the first node."""
     out = subprocess.run([sys.executable, "-m", "slurm.check", "--cluster", cluster, "--nodes", "2",
                           "--tasks-per-node", "2", "--log-dir", str(tmp_path / "logs")],
@@ -70,7 +57,7 @@ def test_check_all_reduces_across_two_nodes(cluster, two_nodes, tmp_path):
 
 @pytest.mark.slurm
 def test_training_on_two_nodes_matches_the_one_node_run(cluster, two_nodes, shards, tmp_path, adm, train_args,
-                                                         uninterrupted_run, same_weights):
+                                                         hostnames, uninterrupted_run, same_weights):
     """`adm submit train --nodes 2 --tasks-per-node 1`: DDP across the nodes ends with bit-identical weights
     (and EMA) to the same 2-process run on one node."""
     out = adm("submit", "train", "--run-dir", str(tmp_path / "run"), "--data", str(shards), *train_args,
