@@ -390,5 +390,6 @@ def world_size_from_env() -> int:
     return 1
 
 
-__all__ = ["LiveBytes", "preset_of_spec", "training_plan", "training_memory", "sampling_plan", "sampling_steps", "format_plan",
+__all__ = ["LiveBytes", "preset_of_spec", "training_plan", "training_memory", "sampling_plan", "sampling_steps",
+           "format_plan",
            "trace_training_step", "trace_sampling_step", "world_size_from_env"]

@@ -5,6 +5,8 @@ the forward/backward arithmetic (torch autocast). fp16 needs loss scaling becaus
 underflow in half precision; the scaler below is the usual dynamic one with two guards the original
 ADM code lacked: a floor under which the scale never drops, and an error after `max_nonfinite` steps
 in a row whose gradients were not finite (a diverged run stops instead of skipping steps forever).
+Its state lives on the device and `apply_optimizer_step` unscales, clips and skips inside the fused
+optimizer, so a training step never waits for the device; the guard is read at log steps.
 """
 from __future__ import annotations
 
@@ -121,7 +123,8 @@ class LossScaler:
         self._worst_run.copy_(self._bad_in_a_row)
         if worst >= self.max_nonfinite:
             scale = self.scale
-            hint = (f" The loss scale is at its floor ({self.floor:g})." if self.dynamic and scale <= self.floor else "")
+            at_floor = self.dynamic and scale <= self.floor
+            hint = f" The loss scale is at its floor ({self.floor:g})." if at_floor else ""
             raise NonFiniteLossError(
                 f"{worst} optimizer steps in a row had non-finite gradients; training diverged.{hint} "
                 "Lower lr, enable grad_clip, or use precision=bf16/fp32; resume from the last checkpoint.")

@@ -3,8 +3,9 @@
 Each EMA mirrors the tensors the strategy trains on this rank: the whole parameter under DDP and
 DeepSpeed ZeRO-1/2, the local shard under FSDP2 (the EMA tensor is a DTensor with the parameter's
 placement, so it is saved and resharded by torch.distributed.checkpoint like the parameter) and the
-local partition under ZeRO-3. The trainer calls `update()` once per optimizer step (not on accumulation micro-steps) with
-whether the step was applied: a skipped fp16 overflow step leaves the EMA unchanged.
+local partition under ZeRO-3. The trainer calls `update()` once per optimizer step (not on
+accumulation micro-steps) with whether the step was applied, a device flag: a skipped fp16
+overflow step leaves the EMA unchanged without the host reading the flag.
 """
 from __future__ import annotations
 

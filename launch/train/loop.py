@@ -276,7 +276,8 @@ class Trainer:
         applied = 1.0 - found_inf
         self.ema.update(self.strategy.ema_sources(), applied)
         counted = applied.bool() & torch.isfinite(norm)
-        self._grad_norm_acc += torch.stack([torch.where(counted, norm, 0.0), counted.to(norm.dtype)]).to(self._grad_norm_acc)
+        pair = torch.stack([torch.where(counted, norm, 0.0), counted.to(norm.dtype)])
+        self._grad_norm_acc += pair.to(self._grad_norm_acc)
         return applied
 
     # -- the loop -----------------------------------------------------------------------------

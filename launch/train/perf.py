@@ -188,7 +188,8 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
         if peak:
             return peak, source
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return measured_matmul_peak(device, dtype), f"measured {arithmetic(precision) if device.type == 'cuda' else precision} matmul on {device.type}"
+    mode = arithmetic(precision) if device.type == "cuda" else precision
+    return measured_matmul_peak(device, dtype), f"measured {mode} matmul on {device.type}"
 
 
 def peak_memory_gb(device: torch.device) -> float:
