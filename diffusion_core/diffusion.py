@@ -557,6 +557,7 @@ class GaussianDiffusion:
     def dpm_solver_sample_loop(
         self, model, shape, noise=None, cond_fn=None, model_kwargs=None, device=None, progress=False, *,
         steps=20, order=2, skip_type="time_uniform", lower_order_final=True, thresholding=False, step_noise=None,
+        start_timestep=None,
     ):
         """Multistep DPM-Solver++ in `steps` network evaluations on this (unspaced) process; returns the
         final sample, not clipped. Networks and cond_fn get float32 times on the original index scale.
@@ -566,7 +567,7 @@ class GaussianDiffusion:
         return dpm_solver_sample_loop(
             self, model, shape, noise, cond_fn, model_kwargs, device, progress, steps=steps, order=order,
             skip_type=skip_type, lower_order_final=lower_order_final, thresholding=thresholding,
-            step_noise=step_noise,
+            step_noise=step_noise, start_timestep=start_timestep,
         )
 
     def ddim_reverse_sample_loop(self, model, x_start, clip_denoised=True, model_kwargs=None, progress=False):

@@ -19,14 +19,26 @@ STEPS_OPTIONS = ("steps", "sampler", "num_steps", "network_evaluations", "skip_t
 SCALE_KEYS = ("classifier_scale", "cfg_scale")
 
 
-def sampler_label(options: dict) -> str:
-    """"DDPM-250", "DDIM-25", "DPM-Solver++(2M)-15", "DPM-Solver++(1)-10" from a run's sample options."""
+def sampler_family(options: dict) -> str:
+    """"DDPM", "DDIM", "DPM-Solver++(2M)", "DPM-Solver++(1)"; a DPM-Solver++ run given
+    --solver-start T gets "@T", one with --thresholding "+thr", another --skip-type "/TYPE"."""
     kind = options.get("sampler") or "ddpm"
-    n = evaluations(options)
-    if kind == "dpm++":
-        order = ((options.get("content") or {}).get("dpm_solver") or {}).get("order", 2)
-        return f"DPM-Solver++({'2M' if order == 2 else order})-{n}"
-    return f"{kind.upper()}-{n}"
+    if kind != "dpm++":
+        return kind.upper()
+    solver = (options.get("content") or {}).get("dpm_solver") or {}
+    name = f"DPM-Solver++({'2M' if solver.get('order', 2) == 2 else solver.get('order')})"
+    if options.get("solver_start") is not None:
+        name += f"@{float(options['solver_start']):g}"
+    if options.get("thresholding"):
+        name += "+thr"
+    if options.get("skip_type") not in (None, "time_uniform"):
+        name += f"/{options['skip_type']}"
+    return name
+
+
+def sampler_label(options: dict) -> str:
+    """"DDPM-250", "DDIM-25", "DPM-Solver++(2M)-15", "DPM-Solver++(2M)@960-15": family-evaluations."""
+    return f"{sampler_family(options)}-{evaluations(options)}"
 
 
 def evaluations(options: dict) -> int | None:
@@ -87,7 +99,8 @@ def steps_points(sweep: dict) -> list[dict]:
     points = []
     for run in sweep["runs"]:
         o, m, se = run["options"], run["metrics"], run.get("standard_errors") or {}
-        point = {"sampler": sampler_label(o), "evaluations": evaluations(o), "scale": _scale(o),
+        point = {"sampler": sampler_label(o), "family": sampler_family(o), "evaluations": evaluations(o),
+                 "scale": _scale(o),
                  "num_samples": run.get("num_samples"), "seconds": o.get("seconds_last_run")}
         for key, _ in METRICS:
             point[key], point[f"{key}_se"] = m.get(key), se.get(key)
@@ -148,12 +161,12 @@ def plot(points: list[dict]) -> bytes:
             mine = [p for p in points if p["scale"] == scale and p.get(key) is not None]
             families: dict[str, list[dict]] = {}
             for p in mine:
-                families.setdefault(p["sampler"].rsplit("-", 1)[0], []).append(p)
+                families.setdefault(p["family"], []).append(p)
             for family, members in sorted(families.items()):
                 members.sort(key=lambda p: p["evaluations"])
                 xs, ys = [p["evaluations"] for p in members], [p[key] for p in members]
                 errs = [p.get(f"{key}_se") or 0.0 for p in members]
-                style = {"DDIM": ("s", "--"), "DDPM": ("o", "")}.get(family, ("^", "-"))
+                style = {"DDIM": ("s", "--"), "DDPM": ("o", "")}.get(family, ("^", "-" if "@" not in family else "-."))
                 ax.errorbar(xs, ys, yerr=errs, marker=style[0], linestyle=style[1] or "none", color=colours[scale],
                             capsize=2, markersize=4, label=f"{family}, scale {scale}")
             level = [p for p in mine if p["sampler"] == ref]

@@ -19,9 +19,10 @@ OUT/logs/STAGE.log, recorded in OUT/pipeline.json:
 
 With `steps_sweep` (`adm demo --steps-sweep`), also the quality against sampling steps:
 
-  sweep-sample-T-sX   adm sample --steps S --classifier-scale X for every S of `sweep_steps`
-                      (DDPM-250, DDIM-25, DDIM-15, DPM-Solver++(2M) at 10, 15, 20, 25 evaluations)
-                      and every X of `sweep_scales`
+  sweep-sample-T-sX   adm sample FLAGS --classifier-scale X for every FLAGS of `sweep_samplers`
+                      (DDPM-250, DDIM-25, DDIM-15, DPM-Solver++(2M) at 10, 15, 20, 25 evaluations
+                      from index 960, and at 15, 20 from its default start) and every X of
+                      `sweep_scales`
   sweep-eval-T-sX     adm evaluate ... --standard-errors (delete-half jackknife, paired across samplers)
   report-steps        adm report: OUT/report_steps/ (metrics +- standard errors against evaluations)
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Callable
@@ -86,12 +88,18 @@ class DemoSettings:
     seed: int = 0
     # The steps sweep (--steps-sweep): adm sample --steps strings, scales, samples per point, the
     # half-samples of the standard errors, and dynamic thresholding for the DPM-Solver++ runs.
-    sweep_steps: tuple[str, ...] = ("250", "ddim25", "ddim15", "dpm++2m-10", "dpm++2m-15", "dpm++2m-20",
-                                    "dpm++2m-25")
+    # Each entry: the `adm sample` flags of one sampler. DPM-Solver++ twice: from index 960, where
+    # DDIM-25's respacing starts (a comparison of solvers from one noise level), and from its default
+    # start, lambda = -5.1 (index 995 for this cosine schedule), which guidance at scales 4-16 does
+    # not survive on these models (docs/demo.md).
+    # DDPM-250, the slow one, last: the others' results come first.
+    sweep_samplers: tuple[str, ...] = (
+        "--steps ddim25", "--steps ddim15",
+        *(f"--steps dpm++2m-{n} --solver-start 960" for n in (10, 15, 20, 25)),
+        "--steps dpm++2m-15", "--steps dpm++2m-20", "--steps 250")
     sweep_scales: tuple[float, ...] = (4.0, 16.0)
     sweep_samples: int = 500
     sweep_standard_errors: int = 50
-    sweep_thresholding: bool = False
 
     @classmethod
     def quick(cls) -> "DemoSettings":
@@ -128,7 +136,7 @@ class DemoSettings:
                 value = tuple(value)
             elif key in ("scales", "sweep_scales"):
                 value = tuple(float(v) for v in (value if isinstance(value, list) else [value]))
-            elif key == "sweep_steps":
+            elif key == "sweep_samplers":
                 value = tuple(str(v) for v in (value if isinstance(value, list) else [value]))
             changes[key] = value
         return dataclasses.replace(self, **changes)
@@ -142,12 +150,18 @@ def scale_name(scale: float) -> str:
     return f"s{scale:g}"
 
 
-def steps_name(steps: str) -> str:
-    """Folder-safe name of a steps string: "250" -> "ddpm250", "ddim25", "dpm++2m-15" -> "dpm2m15"."""
-    text = str(steps)
-    if text.isdigit():
-        return f"ddpm{text}"
-    return "".join(c for c in text if c.isalnum())
+def sampler_name(flags: str) -> str:
+    """Folder-safe name of a sweep entry: "--steps 250" -> "ddpm250", "--steps dpm++2m-15
+    --solver-start 960" -> "dpm2m15-solverstart960"."""
+    words = shlex.split(flags)
+    if "--steps" not in words or words.index("--steps") + 1 >= len(words):
+        raise ValueError(f"sweep entry {flags!r} has no --steps STEPS")
+    at = words.index("--steps")
+    steps = words[at + 1]
+    rest = words[:at] + words[at + 2:]
+    name = f"ddpm{steps}" if steps.isdigit() else "".join(c for c in steps if c.isalnum())
+    extra = "".join(c for c in "".join(rest) if c.isalnum())
+    return f"{name}-{extra}" if extra else name
 
 
 def demo_pipeline(out: str | os.PathLike, s: DemoSettings, steps_sweep: bool = False) -> Pipeline:
@@ -212,16 +226,15 @@ def steps_sweep_stages(out: Path, s: DemoSettings) -> dict:
     """
     stages: dict[str, dict] = {}
     metrics = []
-    for steps in s.sweep_steps:
+    for flags in s.sweep_samplers:
         for x in s.sweep_scales:
-            name = f"{steps_name(steps)}-{scale_name(x)}"
+            name = f"{sampler_name(flags)}-{scale_name(x)}"
             folder = out / "steps_sweep" / "samples" / name
-            extra = ["--thresholding"] if s.sweep_thresholding and str(steps).startswith("dpm") else []
             stages[f"sweep-sample-{name}"] = {
                 "command": "sample", "after": ["unet", "classifier"],
                 "args": ["--model", str(out / "runs" / "unet"), "--classifier", str(out / "runs" / "classifier"),
-                         "--classifier-scale", f"{x:g}", "--num-samples", str(s.sweep_samples), "--steps", str(steps),
-                         *extra, "--labels", "balanced", "--seed", str(s.seed), "--batch-size", str(s.sample_batch),
+                         "--classifier-scale", f"{x:g}", "--num-samples", str(s.sweep_samples), *shlex.split(flags),
+                         "--labels", "balanced", "--seed", str(s.seed), "--batch-size", str(s.sample_batch),
                          "--shard-size", str(s.sample_batch), "--grid-size", "0", "--no-progress", "--out", str(folder)]}
             samples = folder / f"samples_{s.sweep_samples}x{s.image_size}x{s.image_size}x3.npz"
             result = out / "steps_sweep" / "metrics" / name
@@ -314,8 +327,9 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-# The issue's questions of the steps sweep: (fast sampler, the one it should match).
-STEPS_GOALS = (("DPM-Solver++(2M)-15", "DDIM-25"), ("DPM-Solver++(2M)-20", "DDPM-250"))
+# The issue's questions of the steps sweep: DPM-Solver++(2M) with this many evaluations against
+# the sampler it should match (for every DPM-Solver++(2M) variant in the sweep).
+STEPS_GOALS = ((15, "DDIM-25"), (20, "DDPM-250"))
 
 
 def steps_comparisons(steps_report: dict) -> list[dict]:
@@ -324,10 +338,11 @@ def steps_comparisons(steps_report: dict) -> list[dict]:
     rows = []
     for sweep in steps_report.get("steps_sweeps", []):
         points = {(p["sampler"], p["scale"]): p for p in sweep["points"]}
-        for fast, base in STEPS_GOALS:
+        for evals, base in STEPS_GOALS:
             for (sampler, scale), point in points.items():
                 baseline = points.get((base, scale))
-                if sampler != fast or baseline is None:
+                fast = sampler
+                if not (sampler.startswith("DPM-Solver++(2M)") and point["evaluations"] == evals) or baseline is None:
                     continue
                 for metric in ("class_accuracy", "fid"):
                     delta, paired = point["diffs"][base][metric]
@@ -344,10 +359,10 @@ def steps_summary(steps_report: dict) -> str:
         se = p.get(f"{key}_se")
         return f"{p[key]:.{digits}f}" + (f"±{se:.{digits}f}" if se is not None else "")
 
-    lines = [f"{'sampler':<21}{'evals':>6}{'scale':>6} {'class acc':>12} {'FID':>11} {'precision':>12} {'recall':>12}"]
+    lines = [f"{'sampler':<24}{'evals':>6}{'scale':>6} {'class acc':>12} {'FID':>11} {'precision':>12} {'recall':>12}"]
     for sweep in steps_report.get("steps_sweeps", []):
         for p in sweep["points"]:
-            lines.append(f"{p['sampler']:<21}{p['evaluations']:>6}{p['scale']:>6} {pm(p, 'class_accuracy', 3):>12} "
+            lines.append(f"{p['sampler']:<24}{p['evaluations']:>6}{p['scale']:>6} {pm(p, 'class_accuracy', 3):>12} "
                          f"{pm(p, 'fid', 2):>11} {pm(p, 'precision', 3):>12} {pm(p, 'recall', 3):>12}")
     lines.append("")
     for r in steps_comparisons(steps_report):

@@ -101,14 +101,16 @@ class GuidedSampler:
     DPM-Solver++), the guided model function and cond_fn. A DDPM or DDIM `step` is exactly
     `diffusion.p_sample` / `ddim_sample` with the guidance applied; a DPM-Solver++ step is one
     evaluation and one update of diffusion_core.dpm_solver.DPMSolverPlan. `steps` is a respacing
-    string or "dpm++2m-N" / "dpm++1-N"; `skip_type` and `thresholding` are DPM-Solver++ options.
+    string or "dpm++2m-N" / "dpm++1-N"; `skip_type`, `thresholding` and `solver_start` (the original
+    timestep of the first evaluation; None: DPMSolverPlan's default) are DPM-Solver++ options.
     """
 
     def __init__(self, model: nn.Module, model_preset, *, steps: str = "250", sampler: str | None = None,
                  eta: float = 0.0, classifier: nn.Module | None = None,
                  classifier_scale: float | str | None = None, cfg_scale: float | str | None = None,
                  precision: str = "fp32", clip_denoised: bool = True, device: torch.device | str = "cpu",
-                 network_batch: int | None = None, skip_type: str | None = None, thresholding: bool = False):
+                 network_batch: int | None = None, skip_type: str | None = None, thresholding: bool = False,
+                 solver_start: float | None = None):
         from diffusion_core.guidance import guided_sampling, parse_guidance_scale
 
         self.device = torch.device(device)
@@ -118,7 +120,8 @@ class GuidedSampler:
         self.kind = sampler or default_sampler(steps)
         self.plan = None
         if self.kind == "dpm++":
-            self.diffusion, self.plan = _dpm_solver_plan(model_preset.diffusion, steps, skip_type, thresholding)
+            self.diffusion, self.plan = _dpm_solver_plan(model_preset.diffusion, steps, skip_type, thresholding,
+                                                         solver_start)
         else:
             self.diffusion = dataclasses.replace(model_preset.diffusion, timestep_respacing=str(steps)).build()
         self.eta = float(eta)
@@ -223,7 +226,8 @@ class GuidedSampler:
         return x
 
 
-def _dpm_solver_plan(diffusion_config, steps: str, skip_type: str | None, thresholding: bool):
+def _dpm_solver_plan(diffusion_config, steps: str, skip_type: str | None, thresholding: bool,
+                     solver_start: float | None = None):
     """The unspaced diffusion and the DPM-Solver++ plan of a "dpm++2m-N" / "dpm++1-N" steps string."""
     from diffusion_core.dpm_solver import DPMSolverPlan
 
@@ -233,7 +237,7 @@ def _dpm_solver_plan(diffusion_config, steps: str, skip_type: str | None, thresh
                          f"{diffusion_config.steps} training steps; DPM-Solver++ needs far fewer (10-25)")
     diffusion = dataclasses.replace(diffusion_config, timestep_respacing="").build()
     return diffusion, DPMSolverPlan(diffusion, evaluations, order, skip_type or "time_uniform",
-                                    thresholding=thresholding)
+                                    thresholding=thresholding, start_timestep=solver_start)
 
 
 def _padded_rows(v: torch.Tensor, start: int, stop: int, rows: int) -> torch.Tensor:

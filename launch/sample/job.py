@@ -140,7 +140,7 @@ class _Job:
                                      classifier_scale=o.classifier_scale, cfg_scale=o.cfg_scale,
                                      precision=o.precision, clip_denoised=o.clip_denoised, device=self.device,
                                      network_batch=self.network_batch, skip_type=o.skip_type,
-                                     thresholding=o.thresholding)
+                                     thresholding=o.thresholding, solver_start=o.solver_start)
         h = mp.model.image_size
         self.image_shape = (h, h, 3)
         self.num_shards = math.ceil(o.num_samples / o.shard_size)
@@ -173,7 +173,8 @@ class _Job:
             # Only for DPM-Solver++, so that the hashes of DDPM / DDIM runs (and their resumes) stay as they were.
             **({"dpm_solver": {"order": self.sampler.plan.order, "evaluations": self.sampler.plan.steps,
                                "skip_type": self.sampler.plan.skip_type,
-                               "thresholding": self.sampler.plan.thresholding}}
+                               "thresholding": self.sampler.plan.thresholding,
+                               "start_timestep": self.sampler.plan.start_timestep}}
                if self.sampler.plan is not None else {}),
         }
 

@@ -34,7 +34,8 @@ class SampleOptions:
     "dpm++2m-N" / "dpm++1-N": DPM-Solver++ of order 2 / 1 in N network evaluations.
     `sampler`: "ddpm" (ancestral), "ddim" or "dpm++"; None: the one `steps` implies
     (launch.choices.default_sampler). `skip_type` (DPM-Solver++ time grid: time_uniform (None),
-    logSNR, time_quadratic) and `thresholding` (dynamic thresholding of x0) apply to DPM-Solver++ only.
+    logSNR, time_quadratic), `thresholding` (dynamic thresholding of x0) and `solver_start` (the
+    original timestep of the first evaluation; None: lambda = -5.1 or N-1) apply to DPM-Solver++ only.
     `classifier_scale`: None = 1.0 with a classifier (guided-diffusion's default), else 0; a number
     or a schedule string ("linear:START:END", see diffusion_core.guidance).
     `cfg_scale`: classifier-free guidance weight w (eps_u + w (eps_c - eps_u)); None = off.
@@ -55,6 +56,7 @@ class SampleOptions:
     eta: float = 0.0
     skip_type: str | None = None
     thresholding: bool = False
+    solver_start: float | None = None
     preset: str | None = None
     classifier: str | None = None
     classifier_preset: str | None = None
@@ -149,8 +151,8 @@ def _check_sampler(o: SampleOptions) -> None:
         dpm_solver_steps(o.steps)
     elif default_sampler(o.steps) == "dpm++":
         raise ValueError(f"steps {o.steps!r} are DPM-Solver++ steps but the sampler is {kind!r}: drop --sampler")
-    if kind != "dpm++" and (o.skip_type is not None or o.thresholding):
-        raise ValueError("--skip-type and --thresholding apply to DPM-Solver++ only (--steps dpm++2m-N)")
+    if kind != "dpm++" and (o.skip_type is not None or o.thresholding or o.solver_start is not None):
+        raise ValueError("--skip-type, --thresholding and --solver-start apply to DPM-Solver++ only (--steps dpm++2m-N)")
     if o.skip_type is not None and o.skip_type not in SKIP_TYPES:
         raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {o.skip_type!r}")
 

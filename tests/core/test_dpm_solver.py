@@ -67,8 +67,10 @@ class Recorder:
 
 
 def reference_dpm_solver(abar, x_T, predict, steps, order, skip_type, lower_order_final=True,
-                         predicts_x0=False, grad=None, threshold=False):
+                         predicts_x0=False, grad=None, threshold=False, start_timestep=None):
     """DPM-Solver++ straight from FAST_SAMPLERS.md in numpy float64; np.interp for the tables.
+    The grid starts at `start_timestep`, or where the reference starts: lambda = -5.1 if the
+    schedule goes below it, else t = 1.
 
     Returns the final x and the network times of the calls.
     """
@@ -88,12 +90,16 @@ def reference_dpm_solver(abar, x_T, predict, steps, order, skip_type, lower_orde
         return np.interp(la, la_tab[::-1], t_tab[::-1])
 
     M, k, t_end = steps, np.arange(steps + 1), 1.0 / N
-    if skip_type == "time_uniform":
-        ts = 1.0 + (t_end - 1.0) * k / M
-    elif skip_type == "logSNR":
-        ts = t_of_lam(lam(1.0) + (lam(t_end) - lam(1.0)) * k / M)
+    if start_timestep is not None:
+        t0 = (start_timestep + 1.0) / N
     else:
-        ts = (1.0 + (np.sqrt(t_end) - 1.0) * k / M) ** 2
+        t0 = 1.0 if lam(1.0) >= -5.1 else t_of_lam(-5.1)
+    if skip_type == "time_uniform":
+        ts = t0 + (t_end - t0) * k / M
+    elif skip_type == "logSNR":
+        ts = t_of_lam(lam(t0) + (lam(t_end) - lam(t0)) * k / M)
+    else:
+        ts = (np.sqrt(t0) + (np.sqrt(t_end) - np.sqrt(t0)) * k / M) ** 2
     alpha = np.exp(log_alpha(ts))
     sigma = np.sqrt(1.0 - alpha**2)
     lams = np.log(alpha / sigma)
@@ -134,16 +140,17 @@ def reference_dpm_solver(abar, x_T, predict, steps, order, skip_type, lower_orde
 
 
 def _compare(diffusion, steps, order, skip_type, *, lower_order_final=True, predicts_x0=False,
-             with_grad=False, threshold=False):
+             with_grad=False, threshold=False, start_timestep=None):
     fn = x0_np if predicts_x0 else eps_np
     model, cond_fn = Recorder(_torch_of(fn)), (Recorder(_torch_of(grad_np)) if with_grad else None)
     got = dpm_solver_sample_loop(
         diffusion, model, SHAPE, noise=X_T.clone(), cond_fn=cond_fn, steps=steps, order=order,
         skip_type=skip_type, lower_order_final=lower_order_final, thresholding=threshold,
+        start_timestep=start_timestep,
     )
     want, times = reference_dpm_solver(
         diffusion.alphas_cumprod, X_T.numpy(), fn, steps, order, skip_type, lower_order_final,
-        predicts_x0, grad_np if with_grad else None, threshold,
+        predicts_x0, grad_np if with_grad else None, threshold, start_timestep,
     )
     assert got.dtype == torch.float64
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-10)
@@ -165,10 +172,25 @@ def test_matches_reference(steps, order, skip_type):
     _compare(LINEAR, steps, order, skip_type)
 
 
-@pytest.mark.parametrize("skip_type", ["time_uniform", "logSNR"])
-def test_matches_reference_cosine_whole_table(skip_type):
+@pytest.mark.parametrize("skip_type", ["time_uniform", "logSNR", "time_quadratic"])
+def test_matches_reference_cosine(skip_type):
+    """Cosine schedule: by default the first evaluation is at lambda = -5.1 (index 995.08, where the
+    reference starts) with true time labels; an explicit start_timestep overrides it (999: the whole
+    table; 960: where DDIM-25's respacing starts)."""
     model = _compare(COSINE, 7, 2, skip_type, with_grad=True)
-    assert float(model.times[0][0]) == 999.0  # the whole table: no truncation at lambda < -5.1
+    assert float(model.times[0][0]) == pytest.approx(995.0773, abs=1e-3)
+    whole = _compare(COSINE, 7, 2, skip_type, with_grad=True, start_timestep=999)
+    assert float(whole.times[0][0]) == 999.0
+    later = _compare(COSINE, 5, 2, skip_type, start_timestep=960.0)
+    assert float(later.times[0][0]) == 960.0
+    # Linear schedule: lambda(999) = -5.06, so the default is the whole table.
+    assert float(_compare(LINEAR, 3, 2, skip_type).times[0][0]) == 999.0
+
+
+def test_start_timestep_is_checked():
+    for bad in (0, -1.0, 1000, float("nan"), True, "960"):
+        with pytest.raises(ValueError, match="start_timestep must be an original timestep in \\(0, 999\\]"):
+            dpm_solver_sample_loop(LINEAR, _torch_of(eps_np), SHAPE, noise=X_T.clone(), steps=3, start_timestep=bad)
 
 
 def test_lower_order_final_rule():
@@ -218,10 +240,11 @@ def test_time_uniform_network_times():
     dpm_solver_sample_loop(LINEAR, model, SHAPE, noise=X_T.clone(), steps=9)
     assert all(t.dtype == torch.float32 and t.shape == (2,) for t in model.times)
     assert [float(t[0]) for t in model.times] == [999.0 - 111.0 * k for k in range(9)]
-    # Another N: the index scale is that of the N-step model (N t - 1), first call at N - 1.
+    # Another N: the index scale is that of the N-step model (N t - 1), first call at N - 1 (given:
+    # this 100-step linear schedule reaches lambda -5.40, so by default it would start at -5.1).
     short = create_diffusion(steps=100, learn_sigma=False)
     model = Recorder(_torch_of(eps_np))
-    dpm_solver_sample_loop(short, model, SHAPE, noise=X_T.clone(), steps=11)
+    dpm_solver_sample_loop(short, model, SHAPE, noise=X_T.clone(), steps=11, start_timestep=99)
     assert [float(t[0]) for t in model.times] == [99.0 - 9.0 * k for k in range(11)]
 
 

@@ -120,31 +120,34 @@ def test_the_demo_is_a_pipeline_of_real_commands(tmp_path):
 
 
 def test_the_steps_sweep_stages(tmp_path):
-    """--steps-sweep: a sample and an evaluate stage (with standard errors) per steps string and scale,
+    """--steps-sweep: a sample and an evaluate stage (with standard errors) per sampler entry and scale,
     one report over them; the same seed and labels for every sampler; the base stages unchanged."""
     s = demo.DemoSettings.full()
     base = demo.demo_pipeline(tmp_path, s)
     pipeline = demo.demo_pipeline(tmp_path, s, steps_sweep=True)
     ids = [stage.id for stage in pipeline.stages]
-    points = len(s.sweep_steps) * len(s.sweep_scales)
+    points = len(s.sweep_samplers) * len(s.sweep_scales)
     assert len(ids) == len(base.stages) + 2 * points + 1 and ids[-1] == "report-steps"
     for stage in base.stages:
         assert pipeline.stage(stage.id).command_line == stage.command_line
-    line = pipeline.stage("sweep-sample-dpm2m15-s16").command_line
-    assert "--steps dpm++2m-15 " in line and "--classifier-scale 16 " in line and "--labels balanced" in line
-    assert "--seed 0 " in line and "--thresholding" not in line
+    line = pipeline.stage("sweep-sample-dpm2m15-solverstart960-s16").command_line
+    assert "--steps dpm++2m-15 --solver-start 960 " in line and "--classifier-scale 16 " in line
+    assert "--labels balanced" in line and "--seed 0 " in line
+    assert "--solver-start" not in pipeline.stage("sweep-sample-dpm2m20-s4").command_line
     assert "--steps 250 " in pipeline.stage("sweep-sample-ddpm250-s4").command_line
     assert "--standard-errors 50 " in pipeline.stage("sweep-eval-ddim25-s4").command_line
     assert len(pipeline.stage("report-steps").after) == points
-    thresholded = demo.demo_pipeline(tmp_path, s.replace(["sweep_thresholding=true", "sweep_steps=[dpm++2m-10]"]),
-                                     steps_sweep=True)
-    assert "--thresholding" in thresholded.stage("sweep-sample-dpm2m10-s4").command_line
+    other = demo.demo_pipeline(tmp_path, s.replace(["sweep_samplers=['--steps dpm++1-10 --thresholding']"]),
+                               steps_sweep=True)
+    assert "--thresholding" in other.stage("sweep-sample-dpm110-thresholding-s4").command_line
+    with pytest.raises(ValueError, match="no --steps"):
+        demo.demo_pipeline(tmp_path, s.replace(["sweep_samplers=['--solver-start 960']"]), steps_sweep=True)
 
 
 def test_a_folder_of_an_earlier_version_is_accepted(tmp_path):
     """demo.json written before the sweep settings existed: accepted at their defaults, then completed."""
     old = demo.DemoSettings.full().to_dict()
-    for key in ("sweep_steps", "sweep_scales", "sweep_samples", "sweep_standard_errors", "sweep_thresholding"):
+    for key in ("sweep_samplers", "sweep_scales", "sweep_samples", "sweep_standard_errors"):
         del old[key]
     (tmp_path / "demo.json").write_text(json.dumps(old))
     demo.check_settings(tmp_path, demo.DemoSettings.full())
@@ -161,15 +164,18 @@ def test_steps_summary_answers_the_issue_questions():
                 "diffs": diffs}
     report = {"steps_sweeps": [{"points": [
         point("DDPM-250", 250, 0.80, 5.0, {}), point("DDIM-25", 25, 0.75, 6.0, {}),
-        point("DPM-Solver++(2M)-15", 15, 0.76, 6.2, {"DDIM-25": {"class_accuracy": [0.01, 0.008], "fid": [0.2, 0.3]}}),
-        point("DPM-Solver++(2M)-20", 20, 0.77, 6.0, {"DDPM-250": {"class_accuracy": [-0.03, 0.01], "fid": [1.0, 0.4]}}),
+        point("DPM-Solver++(2M)@960-15", 15, 0.76, 6.2, {"DDIM-25": {"class_accuracy": [0.01, 0.008], "fid": [0.2, 0.3]}}),
+        point("DPM-Solver++(2M)@960-20", 20, 0.77, 6.0, {"DDPM-250": {"class_accuracy": [-0.03, 0.01], "fid": [1.0, 0.4]}}),
+        point("DDIM-15", 15, 0.7, 7.0, {}),
     ]}]}
     rows = demo.steps_comparisons(report)
     assert [(r["fast"], r["metric"], r["within"]) for r in rows] == [
-        ("DPM-Solver++(2M)-15", "class_accuracy", True), ("DPM-Solver++(2M)-15", "fid", True),
-        ("DPM-Solver++(2M)-20", "class_accuracy", False), ("DPM-Solver++(2M)-20", "fid", False)]
+        ("DPM-Solver++(2M)@960-15", "class_accuracy", True), ("DPM-Solver++(2M)@960-15", "fid", True),
+        ("DPM-Solver++(2M)@960-20", "class_accuracy", False), ("DPM-Solver++(2M)@960-20", "fid", False)]
     text = demo.steps_summary(report)
-    assert "0.760±0.020" in text and "DPM-Solver++(2M)-20 - DDPM-250: FID +1.00 (paired SE 0.40; DDPM-250's SE 0.50: NOT within it)" in text
+    assert "0.760±0.020" in text
+    assert ("DPM-Solver++(2M)@960-20 - DDPM-250: FID +1.00 (paired SE 0.40; DDPM-250's SE 0.50: NOT within it)"
+            in text)
 
 
 def test_summary_table():

@@ -317,7 +317,7 @@ def test_dpm_solver_file_matches_the_core_loop_and_its_options_enter_the_hash(mo
     assert (options["sampler"], options["num_steps"], options["skip_type"], options["thresholding"]) == \
         ("dpm++", 3, "time_uniform", False)
     assert options["content"]["dpm_solver"] == {"order": 2, "evaluations": 3, "skip_type": "time_uniform",
-                                                "thresholding": False}
+                                                "thresholding": False, "start_timestep": 999.0}
 
     unet, preset = load_model(models["unet"])
     clf, _ = load_model(models["clf"])
@@ -330,10 +330,11 @@ def test_dpm_solver_file_matches_the_core_loop_and_its_options_enter_the_hash(mo
     hashes = {options["options_hash"]}
     for name, extra in (("order1", dict(steps="dpm++1-3")), ("logsnr", dict(steps="dpm++2m-3", skip_type="logSNR")),
                         ("quad", dict(steps="dpm++2m-3", skip_type="time_quadratic")),
-                        ("thr", dict(steps="dpm++2m-3", thresholding=True))):
+                        ("thr", dict(steps="dpm++2m-3", thresholding=True)),
+                        ("start", dict(steps="dpm++2m-3", solver_start=960.0))):
         sample(_opts(models, tmp_path / name, **kw, **extra))
         hashes.add(json.loads((tmp_path / name / "options.json").read_text())["options_hash"])
-    assert len(hashes) == 5
+    assert len(hashes) == 6
     with pytest.raises(ValueError, match="other options.*--overwrite"):
         sample(_opts(models, tmp_path / "dpm", steps="dpm++2m-3", skip_type="logSNR", **kw))
     ddpm = sample(_opts(models, tmp_path / "ddpm", steps="3", **kw))
@@ -356,6 +357,8 @@ def test_dpm_solver_refusals(models, tmp_path):
     for extra, message in (
             (dict(steps="3", skip_type="logSNR"), "apply to DPM-Solver\\+\\+ only"),
             (dict(steps="ddim3", thresholding=True), "apply to DPM-Solver\\+\\+ only"),
+            (dict(steps="3", solver_start=960.0), "apply to DPM-Solver\\+\\+ only"),
+            (dict(steps="dpm++2m-3", solver_start=1000.0), "start_timestep must be an original timestep"),
             (dict(steps="dpm++2m-3", sampler="ddpm"), "are DPM-Solver\\+\\+ steps but the sampler is 'ddpm'"),
             (dict(steps="20", sampler="dpm++"), "not a DPM-Solver\\+\\+ steps string.*dpm\\+\\+2m-N"),
             (dict(steps="dpm++3m-20"), "not a DPM-Solver\\+\\+ steps string"),
