@@ -176,7 +176,8 @@ def test_crc_runs_of_slices_combine():
 
 @pytest.mark.distributed
 def test_two_ranks_combine_their_slices(sample_files, small_classifier, tmp_path):
-    """Each rank reads half; the flipped byte sits in rank 1's half; both ranks refuse, one line each."""
+    """Each rank reads half; the flipped byte sits in rank 1's half; the job refuses with one line per rank
+    that gets to print (torchrun ends the other rank once the first one exits with status 2)."""
     d, images, _ = sample_files
     bad = _copy(d, "rank1.npz")
     _flip(bad, images.tobytes()[:64], images.nbytes - 100)
@@ -192,7 +193,7 @@ def test_two_ranks_combine_their_slices(sample_files, small_classifier, tmp_path
     failed = runs["rank1.npz"]
     assert failed.returncode != 0 and not (tmp_path / "rank1.npz" / "metrics.json").exists()
     errors = [ln for ln in failed.stderr.splitlines() if ln.startswith("adm evaluate: error: ")]
-    assert len(errors) == 2 and all("CRC-32" in e for e in errors), failed.stderr[-3000:]
+    assert 1 <= len(errors) <= 2 and all("CRC-32" in e for e in errors), failed.stderr[-3000:]
     assert f'File "{ROOT}' not in failed.stderr  # no traceback through our code (torchrun prints its own)
 
 
