@@ -46,13 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="default: dpm++ for dpm++ steps, ddim when --steps starts with ddim, else ddpm")
     how.add_argument("--eta", type=number_in(0.0, 1.0), default=0.0, help="DDIM stochasticity (0 = deterministic)")
     how.add_argument("--skip-type", choices=SKIP_TYPES, default=None,
-                     help="DPM-Solver++ time grid (default time_uniform; logSNR suits the linear schedule only)")
+                     help="DPM-Solver++ time grid: even in t (default), in log-SNR or in sqrt(t)")
     how.add_argument("--thresholding", action="store_true",
                      help="DPM-Solver++: dynamic thresholding of the predicted x0 (0.995 quantile)")
     how.add_argument("--solver-start", type=float, default=None, metavar="T",
                      help="DPM-Solver++: original timestep of the first evaluation (default: where lambda = -5.1, "
                           "the reference's start; 999 for linear-schedule models, 995.08 for cosine)")
-    how.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false", help="do not clamp the predicted x0 to [-1, 1]")
+    how.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false",
+                     help="DDPM, DDIM: do not clamp the predicted x0 to [-1, 1] (DPM-Solver++ never clamps it; see --thresholding)")
     how.add_argument("--rounding", choices=["truncate", "round"], default="truncate",
                      help="float -> uint8: truncate as the original (default) or round to nearest")
     how.add_argument("--batch-size", type=int_at_least(1), default=16, help="samples computed together on each process")
