@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from diffusion_core.likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from diffusion_core.noise import PerSampleNoise
+from diffusion_core.noise import PerSampleNoise, loop_device
 from diffusion_core.schedules import NOISE_SCHEDULES, get_named_beta_schedule, space_timesteps
 
 __all__ = ["DiffusionConfig", "GaussianDiffusion", "NOISE_SCHEDULES", "PerSampleNoise", "create_diffusion",
@@ -459,20 +459,8 @@ class GaussianDiffusion:
 
     # ---------------------------------------------------------------- loops
 
-    @staticmethod
-    def _loop_device(model, noise, device):
-        if device is not None:
-            return torch.device(device)
-        if noise is not None:
-            return noise.device
-        params = getattr(model, "parameters", None)
-        if callable(params):
-            for p in params():
-                return p.device
-        return torch.device("cpu")
-
     def _initial(self, model, shape, noise, device, step_noise):
-        device = self._loop_device(model, noise, device)
+        device = loop_device(model, noise, device)
         if noise is not None:
             if tuple(noise.shape) != tuple(shape):
                 raise ValueError(f"noise (x_T) has shape {tuple(noise.shape)} but shape is {tuple(shape)}")

@@ -48,6 +48,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from diffusion_core.noise import loop_device
+
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
 SUPPORTED_ORDERS = (1, 2)
 # The reference implementation's lowest lambda: by default the solver starts no noisier than this.
@@ -237,18 +239,6 @@ def _check_arguments(diffusion, shape, noise, steps, order, skip_type, model_kwa
     return shape
 
 
-def _loop_device(model, noise, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if noise is not None:
-        return noise.device
-    params = getattr(model, "parameters", None)
-    if callable(params):
-        for p in params():
-            return p.device
-    return torch.device("cpu")
-
-
 # --------------------------------------------------------------------------------------------
 # The sampler
 
@@ -386,7 +376,7 @@ def dpm_solver_sample_loop(
     shape = _check_arguments(diffusion, shape, noise, steps, order, skip_type, model_kwargs)
     plan = DPMSolverPlan(diffusion, steps, order, skip_type, lower_order_final, thresholding, start_timestep)
 
-    device = _loop_device(model, noise, device)
+    device = loop_device(model, noise, device)
     if noise is not None:
         x = noise.to(device)
     elif step_noise is not None:

@@ -42,3 +42,16 @@ class PerSampleNoise:
     def initial(self, shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
         """x_T for a batch of `shape`, drawn from the per-sample generators."""
         return self(torch.empty(tuple(shape), device=device or "cpu", dtype=dtype))
+
+
+def loop_device(model, noise, device) -> torch.device:
+    """Where a sampling loop runs: `device` if given, else x_T's, else the model's first parameter's, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    if noise is not None:
+        return noise.device
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return torch.device("cpu")
