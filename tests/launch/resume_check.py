@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 
 TIMING_TAGS = {"train/images_per_s", "train/mfu", "train/peak_memory_gb"}
+# Measured at each start-up (the matmul peak, FLOPs per image): facts about the machine, not the run's state.
+MEASURED_PREFIX = "perf/"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +122,7 @@ def logged_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)}
-            for tag in acc.Tags()["scalars"] if tag not in TIMING_TAGS}
+            for tag in acc.Tags()["scalars"] if tag not in TIMING_TAGS and not tag.startswith(MEASURED_PREFIX)}
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
