@@ -24,6 +24,9 @@
 # bridge, and the network exists before slurmctld starts; 'stop' stops slurmctld before removing it.
 # The nodes share this machine: each offers all its CPUs and memory.
 #
+# 'start' begins with an empty queue when no slurmctld runs (jobs of a cluster that died without 'stop'
+# are forgotten); a running cluster keeps its jobs.
+#
 # Settings (environment):
 #   ADM_SLURM_STATE   folder for state, logs and pid files   (default /var/lib/adm-local-slurm)
 #   ADM_SLURM_CPUS    CPUs each node offers                  (default: nproc)
@@ -192,7 +195,9 @@ pid_alive() {
   local file=$1 pid
   [ -s "$file" ] || return 1
   pid=$(cat "$file" 2>/dev/null) || return 1
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  # A killed daemon stays a zombie where nothing reaps orphans (a container whose init does not): dead all the same.
+  [ "$(sed 's/.*) \(.\).*/\1/' "/proc/$pid/stat" 2>/dev/null)" != Z ]
 }
 
 munge_ok() {
@@ -495,8 +500,10 @@ cmd_start() {
     stop_slurm
   fi
   if ! pid_alive "$STATE/slurmctld.pid"; then
+    # -c: a fresh controller forgets the jobs and node states of one that died without 'stop' (a crash, a
+    # machine that went away): recovered, they would hold the nodes and queue every new job behind them.
     say "starting slurmctld"
-    slurmctld
+    slurmctld -c
   fi
   for _ in $(seq $((START_TIMEOUT_S * 5))); do controller_up && break; sleep 0.2; done
   controller_up || die "slurmctld did not answer; see $STATE/slurmctld.log"
@@ -601,6 +608,9 @@ cmd_stop() {
   if pid_alive /run/munge/munged.pid \
      && { grep -qxF "daemon munged" "$MADE" 2>/dev/null || [ ! -e "$MADE" ]; }; then
     stop_one /run/munge/munged.pid munged
+  elif grep -qxF "daemon munged" "$MADE" 2>/dev/null; then
+    # Our munged was killed (no clean exit): remove what it removes itself when it stops.
+    rm -f /run/munge/munged.pid /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
   fi
   if [ -e "$CONF" ] && grep -qF "$MARKER" "$CONF"; then
     rm -f "$CONF" "$CONF.tmp"

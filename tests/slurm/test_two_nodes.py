@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from slurm import jobs
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "local-cluster.sh"
+STATE = Path(os.environ.get("ADM_SLURM_STATE", "/var/lib/adm-local-slurm"))
 
 CHECK_LINE = re.compile(r"rank (\d+)/(\d+) local (\d+) on (\S+) \((\S+), (\w+)\), master (\S+):(\d+): "
                         r"all_reduce (\S+) \(expected (\S+)\)")
@@ -200,6 +202,9 @@ def test_start_and_stop_leave_nothing_behind(tmp_path):
     problem = lifecycle_problem()
     if problem:
         pytest.skip(problem)
+    # A cluster that died without 'stop' (killed daemons, a machine image saved while one ran) leaves its state
+    # and files; 'stop' is how they go, and 'start' must not be held up by that cluster's jobs.
+    run_script("stop")
     before = machine_state()
     try:
         # Refused: a route (a local blackhole, it sends nothing) already covers part of the range.
@@ -218,11 +223,26 @@ def test_start_and_stop_leave_nothing_behind(tmp_path):
         assert {"admslurm0", "admslurm-h1", "admslurm-h2"} <= up["links"]
         assert {"slurmctld", "slurmd"} <= up["daemons"]
         assert up["hosts"] == before["hosts"], "the host's /etc/hosts changed"
-        names = subprocess.run(["srun", "--nodes=2", "--time=1", "hostname"], capture_output=True, text=True,
-                               timeout=60, cwd=tmp_path)
+        try:
+            names = subprocess.run(["srun", "--nodes=2", "--time=1", "hostname"], capture_output=True, text=True,
+                                   timeout=60, cwd=tmp_path)
+        except subprocess.TimeoutExpired:
+            queue = subprocess.run(["squeue", "-o", "%i %T %R %N"], capture_output=True, text=True).stdout
+            pytest.fail(f"srun -N2 hostname did not run within 60 s; the queue:\n{queue}")
         assert sorted(names.stdout.split()) == ["adm-node1", "adm-node2"], names.stdout + names.stderr
         status = run_script("status")
         assert status.returncode == 0 and "adm-node1" in status.stdout and "10.149.14.3" in status.stdout
+
+        # A controller that dies holding jobs: 'start' brings up a fresh one whose queue is empty, not one
+        # that recovers those jobs and queues every new job behind them.
+        held = subprocess.run(["sbatch", "--nodes=2", "--time=5", "--requeue", "--wrap", "sleep 300"],
+                              capture_output=True, text=True, cwd=tmp_path, check=True)
+        assert "Submitted batch job" in held.stdout, held.stdout + held.stderr
+        os.kill(int(Path(STATE / "slurmctld.pid").read_text()), signal.SIGKILL)
+        restarted = run_script("start", "--nodes", "2")
+        assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+        queue = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True, check=True).stdout
+        assert queue.strip() == "", f"the dead controller's jobs came back:\n{queue}"
     finally:
         stopped = run_script("stop")
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
