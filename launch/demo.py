@@ -334,7 +334,8 @@ STEPS_GOALS = ((15, "DDIM-25"), (20, "DDPM-250"))
 
 def steps_comparisons(steps_report: dict) -> list[dict]:
     """For each STEPS_GOALS pair and scale: the difference in class accuracy and FID, its paired
-    standard error, the baseline's own standard error, and whether |difference| <= that error."""
+    standard error, the baseline's own standard error, and the verdict: "within" (|difference| <=
+    the baseline's standard error), else "better" or "worse" (higher accuracy, lower FID is better)."""
     rows = []
     for sweep in steps_report.get("steps_sweeps", []):
         points = {(p["sampler"], p["scale"]): p for p in sweep["points"]}
@@ -347,9 +348,12 @@ def steps_comparisons(steps_report: dict) -> list[dict]:
                 for metric in ("class_accuracy", "fid"):
                     delta, paired = point["diffs"][base][metric]
                     base_se = baseline[f"{metric}_se"]
+                    if base_se is not None and abs(delta) <= base_se:
+                        verdict = "within"
+                    else:
+                        verdict = "better" if (delta > 0) == (metric == "class_accuracy") else "worse"
                     rows.append({"fast": fast, "baseline": base, "scale": scale, "metric": metric, "delta": delta,
-                                 "paired_se": paired, "baseline_se": base_se,
-                                 "within": base_se is not None and abs(delta) <= base_se})
+                                 "paired_se": paired, "baseline_se": base_se, "verdict": verdict})
     return rows
 
 
@@ -372,7 +376,7 @@ def steps_summary(steps_report: dict) -> str:
         base_se = "–" if r["baseline_se"] is None else f"{r['baseline_se']:.{digits}f}"
         lines.append(f"scale {r['scale']}: {r['fast']} - {r['baseline']}: {name} {r['delta']:+.{digits}f} "
                      f"(paired SE {paired}; {r['baseline']}'s SE {base_se}: "
-                     f"{'within' if r['within'] else 'NOT within'} it)")
+                     f"{'within it' if r['verdict'] == 'within' else r['verdict']})")
     return "\n".join(lines)
 
 

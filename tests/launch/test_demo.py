@@ -169,13 +169,13 @@ def test_steps_summary_answers_the_issue_questions():
         point("DDIM-15", 15, 0.7, 7.0, {}),
     ]}]}
     rows = demo.steps_comparisons(report)
-    assert [(r["fast"], r["metric"], r["within"]) for r in rows] == [
-        ("DPM-Solver++(2M)@960-15", "class_accuracy", True), ("DPM-Solver++(2M)@960-15", "fid", True),
-        ("DPM-Solver++(2M)@960-20", "class_accuracy", False), ("DPM-Solver++(2M)@960-20", "fid", False)]
+    assert [(r["fast"], r["metric"], r["verdict"]) for r in rows] == [
+        ("DPM-Solver++(2M)@960-15", "class_accuracy", "within"), ("DPM-Solver++(2M)@960-15", "fid", "within"),
+        ("DPM-Solver++(2M)@960-20", "class_accuracy", "worse"), ("DPM-Solver++(2M)@960-20", "fid", "worse")]
     text = demo.steps_summary(report)
     assert "0.760±0.020" in text
-    assert ("DPM-Solver++(2M)@960-20 - DDPM-250: FID +1.00 (paired SE 0.40; DDPM-250's SE 0.50: NOT within it)"
-            in text)
+    assert "DPM-Solver++(2M)@960-20 - DDPM-250: FID +1.00 (paired SE 0.40; DDPM-250's SE 0.50: worse)" in text
+    assert "DPM-Solver++(2M)@960-15 - DDIM-25: class acc +0.010 (paired SE 0.008; DDIM-25's SE 0.020: within it)" in text
 
 
 def test_summary_table():
