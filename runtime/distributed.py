@@ -225,7 +225,7 @@ def peers() -> tuple[Peer, ...]:
     return _peers
 
 
-def ranks_by_host(chosen: list[Peer] | tuple[Peer, ...]) -> str:
+def _ranks_by_host(chosen: list[Peer] | tuple[Peer, ...]) -> str:
     """'ranks 0, 1 on adm-node1 (10.0.0.2); rank 2 on adm-node2 (10.0.0.3)' for the given peers."""
     hosts: dict[str, list[Peer]] = {}
     for peer in chosen:
@@ -273,7 +273,7 @@ def describe_failure(err: BaseException) -> str | None:
     lost = [p for p in _peers if p.rank != me.rank
             and (quoted & set(p.addresses) or (p.host == me.host and any(map(_is_loopback, quoted))))]
     if lost:
-        return f"{where} lost contact with {ranks_by_host(lost)}: {_first_line(err)}"
+        return f"{where} lost contact with {_ranks_by_host(lost)}: {_first_line(err)}"
     what = "timed out" if "timed out" in text.lower() or "timeout" in text.lower() else "failed"
     return (f"{where}: a collective operation {what} ({_first_line(err)}); a rank stopped answering. "
-            f"The job's ranks: {ranks_by_host(_peers)}")
+            f"The job's ranks: {_ranks_by_host(_peers)}")

@@ -28,6 +28,9 @@ SCRIPT = REPO / "slurm" / "local-cluster.sh"
 STATE = Path(os.environ.get("ADM_SLURM_STATE", "/var/lib/adm-local-slurm"))
 # Metrics that depend only on the numbers (not on the clock) and must agree exactly.
 EXACT_SCALARS = ("train/loss", "train/mse", "train/vb", "train/grad_norm")
+# What users run: loader workers (their seeds and positions are restored on resume) and dropout (the
+# per-rank torch RNG is restored too). The tiny 8-step run of conftest.py otherwise.
+USERS = ("--set", "num_workers=2", "model.dropout=0.1")
 
 
 def job_id_of(output: str) -> str:
@@ -43,6 +46,18 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in EXACT_SCALARS}
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> Path:
+    """conftest.py's 32 digits in 8 shards of 4: enough for 4 ranks x 2 loader workers (a shard per reader)."""
+    from data.miniature import make_miniature_imagenet
+    from data.prepare import prepare_imagenet
+
+    root = tmp_path_factory.mktemp("two-node-data")
+    src = make_miniature_imagenet(root / "src", 4, 8, bad_files=False)
+    prepare_imagenet(src, root / "shards", samples_per_shard=4, allow_custom_classes=True)
+    return root / "shards"
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +94,15 @@ def wait_all(submitted: dict[str, tuple[Path, str]], timeout_s: float = 900) -> 
 
 
 # ------------------------------------------------------------------------------------ sharded training
-# strategy -> (its options, tasks per node on two nodes). The one-node reference has as many processes in all.
-# HSDP shards inside a node and replicates across nodes, so it needs two tasks per node; its reference (same
-# 2 x 2 mesh, all on one machine) runs under torchrun, as the local cluster's nodes offer 2 CPUs for 4 tasks.
+# strategy -> (its options, tasks per node on two nodes; 0: only the one-node run). The one-node reference has
+# as many processes in all. HSDP shards inside a node and replicates across nodes, so it needs two tasks per
+# node; its reference (the same 2 x 2 mesh on one machine) runs under torchrun, as the local cluster's nodes
+# offer 2 CPUs, not 4. DDP on one node is the reference of the preempted and the failed-node runs.
 STRATEGIES = {
     "fsdp": (("--strategy", "fsdp"), 1),
     "hsdp": (("--strategy", "fsdp", "--set", "fsdp_shard_size=2"), 2),
     "zero2": (("--strategy", "deepspeed", "--set", "zero_stage=2"), 1),
+    "ddp": (("--strategy", "ddp"), 0),
 }
 
 
@@ -102,20 +119,24 @@ def torchrun_train(root: Path, shards: Path, train_args, *extra: str, nproc: int
 
 
 @pytest.fixture(scope="module")
-def strategy_runs(cluster, two_nodes, shards, train_args, adm, tmp_path_factory) -> dict[str, dict]:
-    """Each strategy on two nodes and on one, all started at once: {strategy: {"two", "one", "two_job"}}."""
+def strategy_runs(cluster, two_nodes, small_shards, train_args, adm, tmp_path_factory) -> dict[str, dict]:
+    """Each strategy on two nodes and on one, all started at once: {strategy: {"two", "one", "two_job"}}.
+
+    The two kinds of runs use all four CPUs of the two nodes together; SLURM runs them as they fit."""
     base = tmp_path_factory.mktemp("strategies")
     submitted, roots, local = {}, {}, None
-    for name, (extra, per_node) in STRATEGIES.items():
+    for name, (options, per_node) in STRATEGIES.items():
+        extra = (*USERS, *options)
         roots[name] = {"two": base / f"{name}-two", "one": base / f"{name}-one"}
-        job = submit_train(adm, roots[name]["two"], shards, train_args, *extra, nodes=2, tasks=per_node)
-        submitted[f"{name} on two nodes"] = (roots[name]["two"], job)
-        roots[name]["two_job"] = job
-        if per_node == 1:
+        if per_node:
+            job = submit_train(adm, roots[name]["two"], small_shards, train_args, *extra, nodes=2, tasks=per_node)
+            submitted[f"{name} on two nodes"] = (roots[name]["two"], job)
+            roots[name]["two_job"] = job
+        if per_node <= 1:
             submitted[f"{name} on one node"] = (roots[name]["one"], submit_train(
-                adm, roots[name]["one"], shards, train_args, *extra, nodes=1, tasks=2))
+                adm, roots[name]["one"], small_shards, train_args, *extra, nodes=1, tasks=2))
         else:
-            local = torchrun_train(roots[name]["one"], shards, train_args, *extra, nproc=2 * per_node)
+            local = torchrun_train(roots[name]["one"], small_shards, train_args, *extra, nproc=2 * per_node)
     wait_all(submitted)
     if local is not None:
         output = local.communicate(timeout=600)[0]
@@ -170,14 +191,14 @@ def wait_until(predicate, job_id: str, what: str, timeout_s: float = 180, allow_
     return value
 
 
-def test_preempted_two_node_training_resumes_on_both_nodes(cluster, two_nodes, shards, train_args, adm, tmp_path,
-                                                           uninterrupted_run, same_run, hostnames):
-    """`scancel --signal=USR2` (the profile's requeue signal) on a 2-node job: both ranks stop at the same step
-    after a checkpoint, rank 0 requeues, both nodes resume from it, and the run ends equal to the uninterrupted
-    one (losses and weights, bit for bit). num_workers=0 and no dropout (train_args); see docs/slurm.md."""
-    job = submit_train(adm, tmp_path, shards, train_args, nodes=2, tasks=1)
+def test_preempted_two_node_training_resumes_on_both_nodes(cluster, two_nodes, small_shards, train_args, adm,
+                                                           tmp_path, strategy_runs, same_run, hostnames):
+    """`scancel --signal=USR1` (a preempting scheduler's signal) on a 2-node job: both ranks stop at the same
+    step after a checkpoint, rank 0 requeues, both nodes resume from it, and the run (loader workers, dropout)
+    ends equal to the uninterrupted one on one node: every logged loss and the weights, bit for bit."""
+    job = submit_train(adm, tmp_path, small_shards, train_args, *USERS, nodes=2, tasks=1)
     wait_until(lambda: (tmp_path / "run" / "checkpoints" / "step_000000002").is_dir(), job, "checkpoint of step 2")
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
     final = jobs.wait([job], poll_s=1.0, timeout_s=300)
     first, second = hostnames(jobs.show_job(job)["NodeList"])
     logs = [rank_log(tmp_path, job, rank) for rank in (0, 1)]
@@ -185,12 +206,12 @@ def test_preempted_two_node_training_resumes_on_both_nodes(cluster, two_nodes, s
     assert int(jobs.show_job(job)["Restarts"]) >= 1
     # The signal reached the task on each node, and the job started again on both.
     for rank, (host, log) in enumerate(zip((first, second), logs)):
-        assert f"[preemption] rank {rank}: SIGUSR2: checkpoint and requeue" in log, log[-3000:]
+        assert f"[preemption] rank {rank}: SIGUSR1: checkpoint and requeue" in log, log[-3000:]
         assert log.count(f"[adm] rank {rank}/2 on {host}:") == 2, log[-3000:]
     train_log = (tmp_path / "run" / "log.txt").read_text()
-    stopped_at = int(re.search(r"stopping at step (\d+) after a stop signal \(SIGUSR2\)", train_log).group(1))
+    stopped_at = int(re.search(r"stopping at step (\d+) after a stop signal \(SIGUSR1\)", train_log).group(1))
     assert 2 <= stopped_at < 8 and f"(step {stopped_at})" in train_log, train_log
-    same_run(uninterrupted_run["run_dir"], tmp_path / "run")
+    same_run(strategy_runs["ddp"]["one"] / "run", tmp_path / "run")
 
 
 # ------------------------------------------------------------------------------------ a node fails
@@ -214,12 +235,12 @@ def kill_node(node: str) -> list[int]:
     return pids
 
 
-def test_a_lost_node_is_named_and_the_requeued_job_resumes(cluster, two_nodes, shards, train_args, adm, tmp_path,
-                                                           uninterrupted_run, same_run, hostnames):
+def test_a_lost_node_is_named_and_the_requeued_job_resumes(cluster, two_nodes, small_shards, train_args, adm,
+                                                           tmp_path, strategy_runs, same_run, hostnames):
     """The second node of a training job dies (slurmd, its step and the rank on it, killed): rank 0 says at once
     which rank and node it lost; SLURM marks the node DOWN and requeues the job (--requeue); once the node is
     back the job resumes from the last checkpoint on both nodes and ends equal to the uninterrupted run."""
-    job = submit_train(adm, tmp_path, shards, train_args, nodes=2, tasks=1)
+    job = submit_train(adm, tmp_path, small_shards, train_args, *USERS, nodes=2, tasks=1)
     wait_until(lambda: (tmp_path / "run" / "checkpoints" / "step_000000002").is_dir(), job, "checkpoint of step 2")
     first, second = hostnames(jobs.show_job(job)["NodeList"])
     problem = node_problem(second)
@@ -251,7 +272,7 @@ def test_a_lost_node_is_named_and_the_requeued_job_resumes(cluster, two_nodes, s
     resumed = re.findall(r"resumed from \S+ \(step (\d+)\)", (tmp_path / "run" / "log.txt").read_text())
     assert len(resumed) == 1 and int(resumed[0]) >= 2, resumed
     assert rank_log(tmp_path, job, 1).count(f"[adm] rank 1/2 on {second}:") == 2
-    same_run(uninterrupted_run["run_dir"], tmp_path / "run")
+    same_run(strategy_runs["ddp"]["one"] / "run", tmp_path / "run")
 
 
 # ------------------------------------------------------------------------------------ sample, evaluate
