@@ -15,7 +15,8 @@ from typing import Sequence
 
 METRICS = (("class_accuracy", "Class acc."), ("fid", "FID"), ("precision", "Precision"), ("recall", "Recall"))
 # Options that make runs of one steps sweep different samplers rather than different experiments.
-STEPS_OPTIONS = ("steps", "sampler", "num_steps", "network_evaluations", "skip_type", "thresholding", "eta")
+STEPS_OPTIONS = ("steps", "sampler", "num_steps", "network_evaluations", "skip_type", "thresholding", "eta",
+                 "solver_start")
 SCALE_KEYS = ("classifier_scale", "cfg_scale")
 
 

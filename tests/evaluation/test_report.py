@@ -104,13 +104,14 @@ STEPS = [("ddpm", "250", 250), ("ddim", "ddim25", 25), ("ddim", "ddim15", 15), (
          ("dpm++", "dpm++2m-15", 15), ("dpm++", "dpm++2m-20", 20)]
 
 
-def _write_steps_run(root, sampler, steps, evals, scale, samples, seed):
+def _write_steps_run(root, sampler, steps, evals, scale, samples, seed, solver_start=None):
     """A metrics.json as adm evaluate --standard-errors writes it for a run of `adm sample`."""
     rng = np.random.default_rng(seed)
     fid, acc = 3.0 + 40.0 / evals, 0.5 + scale / 40 - 1.0 / evals
     options = {"classifier_scale": scale, "steps": steps, "sampler": sampler, "num_steps": evals,
                "network_evaluations": evals, "model": "/runs/unet", "classifier": "/runs/classifier",
-               "seed": 0, "num_samples": 60, "out": f"/samples/{steps}-s{scale}", "skip_type": None,
+               "seed": 0, "num_samples": 60, "out": f"/samples/{steps}-s{scale}-{solver_start}",
+               "skip_type": None, "solver_start": solver_start,
                "content": {"dpm_solver": {"order": 2}} if sampler == "dpm++" else {}}
     halves = {"seed": 0, "subsets": 5, "size": 30, "fid": list(fid + rng.normal(0, 0.3, 5)),
               "precision": list(0.7 + rng.normal(0, 0.02, 5)), "recall": list(0.6 + rng.normal(0, 0.02, 5)),
@@ -121,7 +122,7 @@ def _write_steps_run(root, sampler, steps, evals, scale, samples, seed):
                           "class_accuracy": acc},
               "standard_errors": {"fid": 0.3, "precision": 0.02, "recall": 0.02, "class_accuracy": 0.05},
               "half_samples": halves, "options": options}
-    folder = root / f"{steps}-s{scale}"
+    folder = root / (f"{steps}-s{scale}" + (f"-start{solver_start:g}" if solver_start is not None else ""))
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps(record))
 
@@ -156,6 +157,18 @@ def test_steps_sweep_section(steps_sweep, tmp_path):
     assert "Quality against network evaluations" in md and "steps_0.png" in md
     assert "DPM-Solver++(2M)-20" in md and "5.67 ± 0.30" in md and "0.833 ± 0.050" in md
     assert Image.open(tmp_path / "r" / "steps_0.png").size[0] > 600
+
+
+def test_a_solver_start_is_a_sampler_of_the_same_sweep(steps_sweep, tmp_path, digits):
+    """`--solver-start T` runs (same samples, labels, seed) are compared, paired, with DDIM and DDPM in
+    one sweep, not split into a sweep of their own (the demo's DPM-Solver++@960 rows had no baseline)."""
+    for scale in (4.0, 16.0):
+        _write_steps_run(steps_sweep, "dpm++", "dpm++2m-15", 15, scale, tmp_path / "samples.npz", seed=9,
+                         solver_start=960.0)
+    summary = build_report([steps_sweep], tmp_path / "r", title="steps")
+    assert len(summary["steps_sweeps"]) == 1 and len(summary["steps_sweeps"][0]["points"]) == 14
+    point = next(p for p in summary["steps_sweeps"][0]["points"] if p["sampler"] == "DPM-Solver++(2M)@960-15")
+    assert {"DDIM-25", "DDPM-250", "DPM-Solver++(2M)-15"} <= set(point["diffs"])
 
 
 # ---------------------------------------------------------------------------- in a browser
