@@ -141,10 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.work = args.work or tempfile.mkdtemp(prefix="adm-host-syncs-")
     Path(args.work).mkdir(parents=True, exist_ok=True)
+    return report_on_rank0(count_training, args)
+
+
+def report_on_rank0(measure, args) -> int:
+    """`measure(args)` on every rank; rank 0 prints the JSON report and writes it to `args.out` (atomically).
+    The process group goes down afterwards, also on an error."""
     from runtime import distributed
 
     try:
-        report = count_training(args)
+        report = measure(args)
         if int(os.environ.get("RANK", "0")) == 0:
             text = json.dumps(report, indent=2)
             print(text)

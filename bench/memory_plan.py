@@ -19,7 +19,6 @@ Prints one JSON object (rank 0); --out writes it too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -112,20 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench.host_syncs import digit_shards
 
         args.data = str(digit_shards(Path(args.work), 32))
-    from runtime import distributed
+    from bench.host_syncs import report_on_rank0
 
-    try:
-        report = measure(args)
-        if int(os.environ.get("RANK", "0")) == 0:
-            text = json.dumps(report, indent=2)
-            print(text)
-            if args.out:
-                from runtime.files import atomic_write_text
-
-                atomic_write_text(Path(args.out), text + "\n")
-    finally:
-        distributed.cleanup()
-    return 0
+    return report_on_rank0(measure, args)
 
 
 if __name__ == "__main__":

@@ -111,16 +111,26 @@ def train_args() -> tuple[str, ...]:
     return TRAIN_ARGS
 
 
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory) -> Path:
-    """Real shards of a miniature ImageNet (MNIST digits, 4 classes of 8 images, labels 0..3)."""
+def miniature_shards(root: Path, samples_per_shard: int) -> Path:
+    """Real shards of a miniature ImageNet (MNIST digits, 4 classes of 8 images, labels 0..3) under root."""
     from data.miniature import make_miniature_imagenet
     from data.prepare import prepare_imagenet
 
-    root = tmp_path_factory.mktemp("slurm-data")
     src = make_miniature_imagenet(root / "src", 4, 8, bad_files=False)
-    prepare_imagenet(src, root / "shards", samples_per_shard=8, allow_custom_classes=True)
+    prepare_imagenet(src, root / "shards", samples_per_shard=samples_per_shard, allow_custom_classes=True)
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def make_shards(tmp_path_factory):
+    """`make_shards(name, samples_per_shard)`: miniature_shards in a new temporary folder."""
+    return lambda name, samples_per_shard: miniature_shards(tmp_path_factory.mktemp(name), samples_per_shard)
+
+
+@pytest.fixture(scope="session")
+def shards(make_shards) -> Path:
+    """The 32 digits in 4 shards of 8."""
+    return make_shards("slurm-data", 8)
 
 
 @pytest.fixture(scope="session")

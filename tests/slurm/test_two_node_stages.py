@@ -49,15 +49,9 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.fixture(scope="module")
-def small_shards(tmp_path_factory) -> Path:
+def small_shards(make_shards) -> Path:
     """conftest.py's 32 digits in 8 shards of 4: enough for 4 ranks x 2 loader workers (a shard per reader)."""
-    from data.miniature import make_miniature_imagenet
-    from data.prepare import prepare_imagenet
-
-    root = tmp_path_factory.mktemp("two-node-data")
-    src = make_miniature_imagenet(root / "src", 4, 8, bad_files=False)
-    prepare_imagenet(src, root / "shards", samples_per_shard=4, allow_custom_classes=True)
-    return root / "shards"
+    return make_shards("two-node-data", 4)
 
 
 @pytest.fixture(scope="module")
