@@ -86,8 +86,8 @@ class DemoSettings:
     # (its unconditional model: scale 10) shows here at 16-32. At 64 precision fell again.
     scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
     seed: int = 0
-    # The steps sweep (--steps-sweep): adm sample --steps strings, scales, samples per point, the
-    # half-samples of the standard errors, and dynamic thresholding for the DPM-Solver++ runs.
+    # The steps sweep (--steps-sweep): the samplers, scales, samples per point and the half-samples
+    # of the standard errors.
     # Each entry: the `adm sample` flags of one sampler. DPM-Solver++ twice: from index 960, where
     # DDIM-25's respacing starts (a comparison of solvers from one noise level), and from its default
     # start, lambda = -5.1 (index 995 for this cosine schedule), which guidance at scales 4-16 does
@@ -342,7 +342,6 @@ def steps_comparisons(steps_report: dict) -> list[dict]:
         for evals, base in STEPS_GOALS:
             for (sampler, scale), point in points.items():
                 baseline = points.get((base, scale))
-                fast = sampler
                 if not (sampler.startswith("DPM-Solver++(2M)") and point["evaluations"] == evals) or baseline is None:
                     continue
                 for metric in ("class_accuracy", "fid"):
@@ -352,7 +351,7 @@ def steps_comparisons(steps_report: dict) -> list[dict]:
                         verdict = "within"
                     else:
                         verdict = "better" if (delta > 0) == (metric == "class_accuracy") else "worse"
-                    rows.append({"fast": fast, "baseline": base, "scale": scale, "metric": metric, "delta": delta,
+                    rows.append({"fast": sampler, "baseline": base, "scale": scale, "metric": metric, "delta": delta,
                                  "paired_se": paired, "baseline_se": base_se, "verdict": verdict})
     return rows
 

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="DPM-Solver++ time grid: even in t (default), in log-SNR or in sqrt(t)")
     how.add_argument("--thresholding", action="store_true",
                      help="DPM-Solver++: dynamic thresholding of the predicted x0 (0.995 quantile)")
-    how.add_argument("--solver-start", type=float, default=None, metavar="T",
+    how.add_argument("--solver-start", type=number_in(0.0, low_open=True), default=None, metavar="T",
                      help="DPM-Solver++: original timestep of the first evaluation (default: where lambda = -5.1, "
                           "the reference's start; 999 for linear-schedule models, 995.08 for cosine)")
     how.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false",

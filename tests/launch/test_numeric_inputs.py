@@ -71,6 +71,8 @@ def nets(tmp_path_factory) -> tuple[Path, Path]:
     (["--num-samples", "-3"], "--num-samples"),
     (["--batch-size", "0"], "--batch-size"),
     (["--seed", "-1"], "--seed"),
+    (["--steps", "dpm++2m-5", "--solver-start", "nan"], "--solver-start"),
+    (["--steps", "dpm++2m-5", "--solver-start", "5000"], "(0, 999]"),
 ])
 def test_sample_refuses_bad_numbers_and_writes_nothing(tmp_path, adm, nets, flags, what):
     model, clf = nets
